@@ -1,0 +1,18 @@
+"""qwenjax: Qwen models in JAX/Flax NNX, with exact Hugging Face interchange.
+
+The public API; see DESIGN.md. Everything else is reachable through the submodules.
+"""
+
+from qwenjax.config import ModelConfig, RopeConfig, load_preset
+from qwenjax.errors import (
+    CheckpointError, ConfigError, ConversionError, MeshError, QwenJaxError,
+)
+from qwenjax.hf.convert import from_pretrained, save_pretrained
+from qwenjax.model.transformer import CausalLM, init_model, parameter_counts
+from qwenjax.sharding import make_mesh
+
+__all__ = [
+    "CausalLM", "CheckpointError", "ConfigError", "ConversionError", "MeshError", "ModelConfig",
+    "QwenJaxError", "RopeConfig", "from_pretrained", "init_model", "load_preset", "make_mesh",
+    "parameter_counts", "save_pretrained",
+]

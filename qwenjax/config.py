@@ -1,0 +1,389 @@
+"""ModelConfig: the architecture of one model, and its translation from/to HF `config.json`.
+
+Layers read features (`qk_norm`, `qkv_bias`, `mlp_types[i]` ...), never family names; the
+family-specific knowledge of how a Hugging Face config spells those features lives here, in
+`_FAMILIES` and `from_hf_config`, and nowhere else in the model code.
+
+Keys of an HF config that the architecture does not use (token ids, `initializer_range`, the
+stored dtype ...) are carried in `hf_extra` so that `to_hf_config(from_hf_config(d))` gives back
+what `transformers` wrote.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from qwenjax.errors import ConfigError
+
+PRESET_DIR = Path(__file__).resolve().parent.parent / "configs" / "models"
+
+ROPE_TYPES = ("default", "linear", "dynamic", "yarn")
+ATTENTION_TYPES = ("full_attention",)
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RopeConfig:
+    """Rotary embedding; field names follow HF `rope_parameters`."""
+
+    rope_theta: float = 10000.0
+    rope_type: str = "default"
+    factor: float = 1.0  # linear / dynamic / yarn scaling factor
+    original_max_position_embeddings: int | None = None  # yarn: the pre-extension length
+    attention_factor: float | None = None  # yarn: cos/sin scale; None = derived from factor
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    truncate: bool = True
+
+    def __post_init__(self):
+        if self.rope_type not in ROPE_TYPES:
+            raise ConfigError(f"rope_type {self.rope_type!r} is not supported; use one of {ROPE_TYPES}")
+        if self.rope_type != "default" and self.factor <= 0:
+            raise ConfigError(f"rope factor must be > 0, got {self.factor}")
+        if self.rope_type == "yarn" and not self.original_max_position_embeddings:
+            raise ConfigError("yarn rope needs original_max_position_embeddings")
+
+    def to_hf(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"rope_theta": self.rope_theta, "rope_type": self.rope_type}
+        if self.rope_type == "default":
+            return out
+        out["factor"] = self.factor
+        if self.rope_type == "yarn":
+            out["original_max_position_embeddings"] = self.original_max_position_embeddings
+            for k in ("attention_factor", "mscale", "mscale_all_dim"):
+                if getattr(self, k) is not None:
+                    out[k] = getattr(self, k)
+            if self.beta_fast != 32.0:
+                out["beta_fast"] = self.beta_fast
+            if self.beta_slow != 1.0:
+                out["beta_slow"] = self.beta_slow
+            if not self.truncate:
+                out["truncate"] = False
+        return out
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """One decoder-only Qwen architecture. D = hidden_size, F = intermediate sizes, E = experts."""
+
+    model_type: str  # the HF family: picks the name table for import/export, nothing else
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int  # dense SwiGLU width (dense layers; 0 if every layer is MoE)
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    o_bias: bool = False
+    qk_norm: bool = False  # per-head RMSNorm on q and k before RoPE (qwen3)
+    max_position_embeddings: int = 32768
+    rope: RopeConfig = field(default_factory=RopeConfig)
+    # Mixture of experts; num_experts == 0 means a dense model.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    shared_expert_intermediate_size: int = 0  # 0 = no shared expert
+    norm_topk_prob: bool = False
+    decoder_sparse_step: int = 1  # layer i is MoE iff (i+1) % step == 0 and i not in mlp_only_layers
+    mlp_only_layers: tuple[int, ...] = ()
+    router_aux_loss_coef: float = 0.001
+    # Runtime, not architecture: compute dtype and parameter dtype.
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    attn_block: int = 512  # query/key block of the blockwise attention
+    # JSON of HF config keys we carry but do not use (token ids, stored dtype, ...).
+    hf_extra: str = "{}"
+
+    def __post_init__(self):
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(
+                f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
+            )
+        for name in ("dtype", "param_dtype"):
+            if getattr(self, name) not in DTYPES:
+                raise ConfigError(f"{name} {getattr(self, name)!r} is not one of {DTYPES}")
+        if self.num_experts:
+            if not 0 < self.num_experts_per_tok <= self.num_experts:
+                raise ConfigError(
+                    f"num_experts_per_tok ({self.num_experts_per_tok}) must be in 1..num_experts "
+                    f"({self.num_experts})"
+                )
+            if self.moe_intermediate_size <= 0:
+                raise ConfigError("moe_intermediate_size must be > 0 for a MoE model")
+            if self.decoder_sparse_step < 1:
+                raise ConfigError("decoder_sparse_step must be >= 1")
+        bad = [i for i in self.mlp_only_layers if not 0 <= i < self.num_layers]
+        if bad:
+            raise ConfigError(f"mlp_only_layers {bad} are outside 0..{self.num_layers - 1}")
+        if "dense" in self.mlp_types and self.intermediate_size <= 0:
+            raise ConfigError("intermediate_size must be > 0 when some layer has a dense MLP")
+
+    # ---- derived ----
+    @property
+    def num_groups(self) -> int:
+        """Query heads per kv head (G)."""
+        return self.num_heads // self.num_kv_heads
+
+    @property
+    def mlp_types(self) -> tuple[str, ...]:
+        """Per layer: "moe" or "dense", with the exact rule of `transformers`."""
+        return tuple(
+            "moe"
+            if self.num_experts > 0
+            and i not in self.mlp_only_layers
+            and (i + 1) % self.decoder_sparse_step == 0
+            else "dense"
+            for i in range(self.num_layers)
+        )
+
+    @property
+    def layer_kinds(self) -> tuple[tuple[str, str], ...]:
+        """Per layer: (attention type, mlp type). Layers of one kind share a parameter structure."""
+        return tuple(("full_attention", m) for m in self.mlp_types)
+
+    @property
+    def extra(self) -> dict[str, Any]:
+        return json.loads(self.hf_extra)
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+
+    # ---- dict / YAML ----
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], *, source: str = "model config") -> ModelConfig:
+        d = dict(d)
+        rope = d.pop("rope", None)
+        _check_keys(d, cls, source, skip={"rope"})
+        if rope is not None:
+            if not isinstance(rope, dict):
+                raise ConfigError(f"{source}: 'rope' must be a mapping")
+            _check_keys(rope, RopeConfig, f"{source}: rope")
+            d["rope"] = RopeConfig(**rope)
+        if "mlp_only_layers" in d:
+            d["mlp_only_layers"] = tuple(d["mlp_only_layers"])
+        if isinstance(d.get("hf_extra"), dict):
+            d["hf_extra"] = json.dumps(d["hf_extra"], sort_keys=True)
+        _check_types(d, cls, source)
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["mlp_only_layers"] = list(self.mlp_only_layers)
+        return out
+
+    # ---- Hugging Face ----
+    @classmethod
+    def from_hf_config(cls, hf: dict[str, Any]) -> ModelConfig:
+        return _from_hf(hf)
+
+    def to_hf_config(self) -> dict[str, Any]:
+        return _to_hf(self)
+
+
+def load_preset(name_or_path: str) -> ModelConfig:
+    """A preset by name (`configs/models/NAME.yaml`) or a YAML path."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = PRESET_DIR / f"{name_or_path}.yaml"
+    if not path.exists():
+        known = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+        near = difflib.get_close_matches(str(name_or_path), known, n=1)
+        hint = f"; did you mean {near[0]!r}?" if near else f"; known presets: {', '.join(known)}"
+        raise ConfigError(f"model preset {name_or_path!r} not found{hint}")
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    return ModelConfig.from_dict(data, source=str(path))
+
+
+def _check_keys(d: dict, cls: type, source: str, skip: set[str] = frozenset()) -> None:
+    valid = {f.name for f in dataclasses.fields(cls)} | set(skip)
+    for key in d:
+        if key not in valid:
+            near = difflib.get_close_matches(key, sorted(valid), n=1)
+            hint = f"; did you mean {near[0]!r}?" if near else ""
+            raise ConfigError(f"{source}: unknown key {key!r}{hint}")
+
+
+def _check_types(d: dict, cls: type, source: str) -> None:
+    kinds = {"int": int, "float": (int, float), "bool": bool, "str": str}
+    for f in dataclasses.fields(cls):
+        if f.name not in d or not isinstance(f.type, str):
+            continue
+        want = kinds.get(f.type)
+        value = d[f.name]
+        if want is None:
+            continue
+        ok = isinstance(value, want) and not (want is int and isinstance(value, bool))
+        if not ok:
+            raise ConfigError(f"{source}: {f.name} must be {f.type}, got {value!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Hugging Face config.json <-> ModelConfig. One table row per family: which HF keys spell which
+# features. Everything else is shared.
+
+_FAMILIES: dict[str, dict[str, Any]] = {
+    # qkv_bias: fixed value or the HF key that holds it; o_bias likewise.
+    "qwen2": {"qkv_bias": True, "o_bias": False, "qk_norm": False, "moe": False},
+    "qwen2_moe": {"qkv_bias": "qkv_bias", "o_bias": False, "qk_norm": False, "moe": True},
+    "qwen3": {"qkv_bias": "attention_bias", "o_bias": "attention_bias", "qk_norm": True, "moe": False},
+    "qwen3_moe": {"qkv_bias": "attention_bias", "o_bias": "attention_bias", "qk_norm": True, "moe": True},
+}
+_BIAS_DEFAULT = {"qkv_bias": True, "attention_bias": False}
+
+# HF keys fully described by ModelConfig fields (or recomputed on export); not carried in hf_extra.
+_CONSUMED = {
+    "model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "intermediate_size", "rms_norm_eps", "tie_word_embeddings",
+    "qkv_bias", "attention_bias", "max_position_embeddings", "rope_parameters", "rope_theta",
+    "rope_scaling", "num_experts", "num_local_experts", "num_experts_per_tok",
+    "moe_intermediate_size", "shared_expert_intermediate_size", "norm_topk_prob",
+    "decoder_sparse_step", "mlp_only_layers", "router_aux_loss_coef", "architectures",
+    "transformers_version", "layer_types", "hidden_act", "use_sliding_window", "sliding_window",
+    "max_window_layers",
+}
+
+
+def _hf_rope(hf: dict[str, Any]) -> RopeConfig:
+    params = dict(hf.get("rope_parameters") or {})
+    legacy = hf.get("rope_scaling") or {}
+    params = {**legacy, **params}
+    if "type" in params and "rope_type" not in params:
+        params["rope_type"] = params.pop("type")
+    params.pop("type", None)
+    theta = params.pop("rope_theta", hf.get("rope_theta", 10000.0))
+    rope_type = params.pop("rope_type", "default")
+    known = {f.name for f in dataclasses.fields(RopeConfig)}
+    unknown = sorted(set(params) - known)
+    if unknown:
+        raise ConfigError(f"config.json: rope_parameters keys {unknown} are not supported")
+    params = {k: v for k, v in params.items() if v is not None}
+    return RopeConfig(rope_theta=float(theta), rope_type=rope_type, **params)
+
+
+def _from_hf(hf: dict[str, Any]) -> ModelConfig:
+    model_type = hf.get("model_type")
+    if model_type not in _FAMILIES:
+        raise ConfigError(
+            f"config.json: model_type {model_type!r} is not supported; use one of {sorted(_FAMILIES)}"
+        )
+    fam = _FAMILIES[model_type]
+    if hf.get("use_sliding_window"):
+        raise ConfigError("config.json: use_sliding_window=true is not implemented in qwenjax yet")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ConfigError(f"config.json: hidden_act {hf['hidden_act']!r} is not supported (only silu)")
+    missing = [k for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
+               if k not in hf]
+    if missing:
+        raise ConfigError(f"config.json: missing keys {missing}")
+
+    def feature(name: str) -> bool:
+        spec = fam[name]
+        return bool(hf.get(spec, _BIAS_DEFAULT.get(spec))) if isinstance(spec, str) else spec
+
+    heads = hf["num_attention_heads"]
+    num_experts = hf.get("num_experts", hf.get("num_local_experts", 0)) if fam["moe"] else 0
+    extra = {k: v for k, v in hf.items() if k not in _CONSUMED}
+    return ModelConfig(
+        model_type=model_type,
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        num_layers=hf["num_hidden_layers"],
+        num_heads=heads,
+        num_kv_heads=hf.get("num_key_value_heads") or heads,
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+        intermediate_size=hf.get("intermediate_size", 0),
+        rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        qkv_bias=feature("qkv_bias"),
+        o_bias=feature("o_bias"),
+        qk_norm=fam["qk_norm"],
+        max_position_embeddings=hf.get("max_position_embeddings", 32768),
+        rope=_hf_rope(hf),
+        num_experts=num_experts or 0,
+        num_experts_per_tok=hf.get("num_experts_per_tok", 0) if num_experts else 0,
+        moe_intermediate_size=hf.get("moe_intermediate_size", 0) if num_experts else 0,
+        shared_expert_intermediate_size=hf.get("shared_expert_intermediate_size", 0) or 0,
+        norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
+        decoder_sparse_step=hf.get("decoder_sparse_step", 1) or 1,
+        mlp_only_layers=tuple(hf.get("mlp_only_layers") or ()),
+        router_aux_loss_coef=hf.get("router_aux_loss_coef", 0.001),
+        hf_extra=json.dumps(extra, sort_keys=True),
+    )
+
+
+_ARCHITECTURES = {
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen2_moe": "Qwen2MoeForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+}
+
+
+def _to_hf(cfg: ModelConfig) -> dict[str, Any]:
+    fam = _FAMILIES[cfg.model_type]
+    out: dict[str, Any] = dict(cfg.extra)
+    out.update(
+        architectures=[_ARCHITECTURES[cfg.model_type]],
+        model_type=cfg.model_type,
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads,
+        head_dim=cfg.head_dim,
+        intermediate_size=cfg.intermediate_size,
+        rms_norm_eps=cfg.rms_norm_eps,
+        tie_word_embeddings=cfg.tie_word_embeddings,
+        max_position_embeddings=cfg.max_position_embeddings,
+        rope_parameters=cfg.rope.to_hf(),
+        hidden_act="silu",
+        use_sliding_window=False,
+        layer_types=["full_attention"] * cfg.num_layers,
+    )
+    for name in ("qkv_bias", "o_bias"):
+        spec = fam[name]
+        if isinstance(spec, str):
+            out[spec] = getattr(cfg, name)
+    if fam["moe"]:
+        out.update(
+            num_experts=cfg.num_experts,
+            num_experts_per_tok=cfg.num_experts_per_tok,
+            moe_intermediate_size=cfg.moe_intermediate_size,
+            norm_topk_prob=cfg.norm_topk_prob,
+            decoder_sparse_step=cfg.decoder_sparse_step,
+            mlp_only_layers=list(cfg.mlp_only_layers),
+            router_aux_loss_coef=cfg.router_aux_loss_coef,
+        )
+        if cfg.shared_expert_intermediate_size:
+            out["shared_expert_intermediate_size"] = cfg.shared_expert_intermediate_size
+    return out
+
+
+def yarn_attention_factor(rope: RopeConfig) -> float:
+    """The cos/sin scale YaRN applies (HF `_compute_yarn_parameters`)."""
+    if rope.attention_factor is not None:
+        return rope.attention_factor
+
+    def get_mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    if rope.mscale and rope.mscale_all_dim:
+        return get_mscale(rope.factor, rope.mscale) / get_mscale(rope.factor, rope.mscale_all_dim)
+    return get_mscale(rope.factor)

@@ -1,0 +1,246 @@
+"""Import a Hugging Face checkpoint into a qwenjax model, and export one back. Streaming both ways.
+
+Import: the model is built abstractly; each parameter is created on its devices, already
+sharded (zeros); then the checkpoint is read one tensor at a time, laid out for qwenjax, put on
+its devices with the sharding of its slice, and written into the stacked parameter by a donated
+in-place update. Host memory holds the parameters (on CPU, device memory is host memory) plus at
+most two copies of one tensor. Every name and shape is checked against the table before the
+first byte of tensor data is read, so a bad checkpoint fails fast with every bad tensor named.
+
+Export: each HF tensor is gathered from its parameter slice, laid out for HF and written to a
+safetensors shard in a temporary directory beside the target, renamed into place at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from qwenjax.config import ModelConfig
+from qwenjax.errors import ConfigError, ConversionError
+from qwenjax.hf.names import TensorMap, tensor_table, uses_fused_experts
+from qwenjax.hf.safetensors_io import (
+    PlannedTensor, TensorInfo, index_checkpoint, plan_shards, read_tensor, write_shard,
+)
+from qwenjax.model.transformer import CausalLM
+from qwenjax.sharding import named_sharding
+
+NP_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16),
+             "float16": np.dtype(np.float16)}
+
+
+def read_hf_config(hf_dir: Path) -> dict:
+    path = Path(hf_dir) / "config.json"
+    if not path.exists():
+        raise ConversionError(f"{hf_dir}: no config.json (is this a Hugging Face model directory?)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConversionError(f"{path}: not valid JSON ({e})") from None
+
+
+def check_tensors(table: list[TensorMap], infos: dict[str, TensorInfo], cfg: ModelConfig) -> list[str]:
+    """Raise ConversionError naming every missing, unexpected or mis-shaped tensor.
+
+    Returns the names present but deliberately ignored (a redundant tied `lm_head.weight`).
+    """
+    expected = {t.hf_name: t for t in table}
+    ignored = ["lm_head.weight"] if cfg.tie_word_embeddings and "lm_head.weight" in infos else []
+    missing = sorted(set(expected) - set(infos))
+    unexpected = sorted(set(infos) - set(expected) - set(ignored))
+    misshaped = [
+        f"{n} {list(infos[n].shape)} (expected {list(t.hf_shape)})"
+        for n, t in expected.items()
+        if n in infos and infos[n].shape != t.hf_shape
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing tensors: {', '.join(missing)}")
+    if unexpected:
+        problems.append(f"unexpected tensors: {', '.join(unexpected)}")
+    if misshaped:
+        problems.append(f"mis-shaped tensors: {', '.join(misshaped)}")
+    if problems:
+        raise ConversionError("; ".join(problems))
+    return ignored
+
+
+def param_sharding(mesh: Mesh | None, var: nnx.Variable, rules=None):
+    shape = var.get_value().shape
+    if mesh is None:
+        return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return named_sharding(mesh, var.get_metadata("axes"), shape, rules)
+
+
+def _slice_sharding(sharding, n_index: int):
+    """Sharding of `array[i0, ..., i_{n-1}]` given the array's sharding."""
+    if not isinstance(sharding, NamedSharding):
+        return sharding
+    spec = tuple(sharding.spec) + (None,) * 8
+    return NamedSharding(sharding.mesh, PartitionSpec(*spec[n_index: n_index + 8]))
+
+
+@lru_cache(maxsize=None)
+def _updater(sharding):
+    def update(buf, piece, index):
+        n = index.shape[0]
+        starts = tuple(index[i] for i in range(n)) + (0,) * piece.ndim
+        return jax.lax.dynamic_update_slice(buf, piece.reshape((1,) * n + piece.shape), starts)
+
+    return jax.jit(update, donate_argnums=0, out_shardings=sharding)
+
+
+@lru_cache(maxsize=None)
+def _zeros(shape, dtype, sharding):
+    return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
+
+
+def from_pretrained(
+    hf_dir: str | os.PathLike,
+    *,
+    dtype: str = "float32",
+    param_dtype: str = "float32",
+    mesh: Mesh | None = None,
+    rules: dict | None = None,
+    progress: bool = False,
+) -> CausalLM:
+    """Load a Hugging Face directory (config.json + safetensors) as a qwenjax model."""
+    hf_dir = Path(hf_dir)
+    try:
+        cfg = ModelConfig.from_hf_config(read_hf_config(hf_dir))
+        cfg = cfg.replace(dtype=dtype, param_dtype=param_dtype)
+    except ConfigError as e:
+        raise ConversionError(f"{hf_dir}: {e}") from None
+    infos = index_checkpoint(hf_dir)
+    table = tensor_table(cfg, fused_experts=uses_fused_experts(infos))
+    check_tensors(table, infos, cfg)
+
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: CausalLM(cfg, rngs=nnx.Rngs(0))))
+    variables = dict(nnx.to_flat_state(state))
+    shardings = {p: param_sharding(mesh, v, rules) for p, v in variables.items()}
+    buffers = {
+        p: _zeros(v.get_value().shape, jnp.dtype(param_dtype), shardings[p])()
+        for p, v in variables.items()
+    }
+    target_dtype = NP_DTYPES[param_dtype]
+    order = sorted(table, key=lambda t: (str(infos[t.hf_name].file), infos[t.hf_name].offset))
+    for n, entry in enumerate(order):
+        raw = read_tensor(infos[entry.hf_name])
+        for target in entry.targets:
+            piece = np.ascontiguousarray(target.to_ours(raw), dtype=target_dtype)
+            sharding = shardings[target.param]
+            if target.index:
+                piece = jax.device_put(piece, _slice_sharding(sharding, len(target.index)))
+                index = jnp.asarray(target.index, jnp.int32)
+                buffers[target.param] = _updater(sharding)(buffers[target.param], piece, index)
+            else:
+                buffers[target.param] = jax.device_put(piece, sharding)
+            del piece
+        del raw
+        if progress and (n % 50 == 0 or n == len(order) - 1):
+            print(f"\rimport {n + 1}/{len(order)} tensors", end="", file=sys.stderr, flush=True)
+    if progress:
+        print(file=sys.stderr)
+    for path, var in variables.items():
+        var.set_value(buffers[path])
+    return nnx.merge(graphdef, nnx.from_flat_state(list(variables.items())))
+
+
+def parse_size(size: int | str) -> int:
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*", size, re.IGNORECASE)
+    if not m:
+        raise ConfigError(f"max_shard_size {size!r} is not a size like '5GB' or 1000000")
+    unit = (m.group(2) or "B").upper()
+    mult = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    return int(float(m.group(1)) * mult[unit])
+
+
+def export_dtype(cfg: ModelConfig, dtype: str | None) -> str:
+    """The dtype to write: as asked, else the one the source checkpoint was stored in."""
+    extra = cfg.extra
+    name = dtype or extra.get("dtype") or extra.get("torch_dtype") or cfg.param_dtype
+    if name not in NP_DTYPES:
+        raise ConfigError(f"export dtype {name!r} is not one of {sorted(NP_DTYPES)}")
+    return name
+
+
+def save_pretrained(
+    model: CausalLM,
+    out_dir: str | os.PathLike,
+    *,
+    dtype: str | None = None,
+    max_shard_size: int | str = "5GB",
+    progress: bool = False,
+) -> Path:
+    """Write `model` as a Hugging Face directory that `transformers` loads (Hub tensor names)."""
+    cfg = model.config
+    out_dir = Path(out_dir)
+    name = export_dtype(cfg, dtype)
+    np_dtype = NP_DTYPES[name]
+    table = tensor_table(cfg, fused_experts=False)
+    params = {p: v.get_value() for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    shards = plan_shards(
+        [PlannedTensor(t.hf_name, t.hf_shape, np_dtype) for t in table], parse_size(max_shard_size)
+    )
+    by_name = {t.hf_name: t for t in table}
+
+    def arrays(shard):
+        for planned in shard:
+            entry = by_name[planned.name]
+            slices = [np.asarray(params[t.param][t.index]) for t in entry.targets]
+            yield entry.to_hf(*slices)
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        names = (
+            ["model.safetensors"] if len(shards) == 1
+            else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        )
+        for i, (fname, shard) in enumerate(zip(names, shards)):
+            write_shard(tmp / fname, shard, arrays(shard))
+            if progress:
+                print(f"\rexport shard {i + 1}/{len(shards)}", end="", file=sys.stderr, flush=True)
+        if progress:
+            print(file=sys.stderr)
+        if len(shards) > 1:
+            index = {
+                "metadata": {"total_size": sum(t.nbytes for s in shards for t in s)},
+                "weight_map": {t.name: f for f, s in zip(names, shards) for t in s},
+            }
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        hf_config = cfg.to_hf_config()
+        hf_config["dtype"] = name
+        hf_config.pop("torch_dtype", None)
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True))
+        replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def replace_dir(new: Path, target: Path) -> None:
+    """Move a finished directory into place; an old one is removed only after the swap."""
+    if target.exists():
+        backup = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.rename(target, backup)
+        os.rename(new, target)
+        shutil.rmtree(backup, ignore_errors=True)
+    else:
+        os.rename(new, target)

@@ -1,0 +1,169 @@
+"""Hugging Face tensor names <-> qwenjax parameters: the per-layer name table and layout maps.
+
+`tensor_table(cfg, fused_experts)` lists every HF tensor of a checkpoint of `cfg` as a `TensorMap`:
+its Hub name and shape, the qwenjax parameter(s) it fills (flat nnx path + leading index into the
+stacked `[R, (E,) ...]` array), and the two layout functions. The generic converter in
+`convert.py` only walks this table; nothing else knows HF names.
+
+HF linear weights are `[out, in]`; ours are `[in, out]`, with heads split out (`[D, H, Dh]`).
+Experts: per-expert Hub names (`mlp.experts.{e}.gate_proj.weight`, what `save_pretrained`
+writes) or the fused in-memory layout of transformers 5 (`mlp.experts.gate_up_proj [E, 2F, D]`,
+`mlp.experts.down_proj [E, D, F]`), which Qwen3.5 Hub checkpoints use.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from qwenjax.config import ModelConfig
+from qwenjax.model.transformer import layer_location, stack_plan
+
+Path = tuple  # a flat nnx parameter path, e.g. ("stacks", 0, "block", "layers", 1, "attn", "q_kernel")
+
+
+@dataclass(frozen=True)
+class Target:
+    param: Path
+    index: tuple[int, ...]  # leading indices into the stacked parameter: (repeat,) or (repeat, expert)
+    to_ours: Callable[[np.ndarray], np.ndarray]  # HF array -> this parameter slice
+
+
+@dataclass(frozen=True)
+class TensorMap:
+    hf_name: str
+    hf_shape: tuple[int, ...]
+    targets: tuple[Target, ...]
+    to_hf: Callable[..., np.ndarray]  # parameter slices (one per target) -> HF array
+
+
+# ---- layout maps ------------------------------------------------------------------------------
+
+
+def _linear(hf_shape):
+    """HF [out, in] <-> ours [in, out]."""
+    return hf_shape, (lambda a: a.T), (lambda a: a.T)
+
+
+def _linear_out_heads(n, dh, d):
+    """HF [n*dh, d] <-> ours [d, n, dh] (q/k/v projections)."""
+    return (n * dh, d), (lambda a: a.T.reshape(d, n, dh)), (lambda a: a.reshape(d, n * dh).T)
+
+
+def _linear_in_heads(n, dh, d):
+    """HF [d, n*dh] <-> ours [n, dh, d] (output projection)."""
+    return (d, n * dh), (lambda a: a.T.reshape(n, dh, d)), (lambda a: a.reshape(n * dh, d).T)
+
+
+def _reshape(hf_shape, our_shape):
+    return hf_shape, (lambda a: a.reshape(our_shape)), (lambda a: a.reshape(hf_shape))
+
+
+def _identity(hf_shape):
+    return hf_shape, (lambda a: a), (lambda a: a)
+
+
+def _simple(hf_name, param, index, layout) -> TensorMap:
+    shape, to_ours, to_hf = layout
+    return TensorMap(hf_name, shape, (Target(param, index, to_ours),), to_hf)
+
+
+# ---- the table ----------------------------------------------------------------------------
+
+
+def _attention_entries(cfg: ModelConfig) -> list[tuple[str, str, tuple]]:
+    D, H, K, Dh = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    rows = [
+        ("input_layernorm.weight", "input_norm.weight", _identity((D,))),
+        ("post_attention_layernorm.weight", "post_attn_norm.weight", _identity((D,))),
+        ("self_attn.q_proj.weight", "attn.q_kernel", _linear_out_heads(H, Dh, D)),
+        ("self_attn.k_proj.weight", "attn.k_kernel", _linear_out_heads(K, Dh, D)),
+        ("self_attn.v_proj.weight", "attn.v_kernel", _linear_out_heads(K, Dh, D)),
+        ("self_attn.o_proj.weight", "attn.o_kernel", _linear_in_heads(H, Dh, D)),
+    ]
+    if cfg.qkv_bias:
+        rows += [
+            ("self_attn.q_proj.bias", "attn.q_bias", _reshape((H * Dh,), (H, Dh))),
+            ("self_attn.k_proj.bias", "attn.k_bias", _reshape((K * Dh,), (K, Dh))),
+            ("self_attn.v_proj.bias", "attn.v_bias", _reshape((K * Dh,), (K, Dh))),
+        ]
+    if cfg.o_bias:
+        rows.append(("self_attn.o_proj.bias", "attn.o_bias", _identity((D,))))
+    if cfg.qk_norm:
+        rows += [
+            ("self_attn.q_norm.weight", "attn.q_norm", _identity((Dh,))),
+            ("self_attn.k_norm.weight", "attn.k_norm", _identity((Dh,))),
+        ]
+    return rows
+
+
+def _dense_mlp_entries(cfg: ModelConfig, hf_prefix: str, our_prefix: str, width: int):
+    D = cfg.hidden_size
+    return [
+        (f"{hf_prefix}.gate_proj.weight", f"{our_prefix}.gate_kernel", _linear((width, D))),
+        (f"{hf_prefix}.up_proj.weight", f"{our_prefix}.up_kernel", _linear((width, D))),
+        (f"{hf_prefix}.down_proj.weight", f"{our_prefix}.down_kernel", _linear((D, width))),
+    ]
+
+
+def _split(path: str) -> tuple:
+    return tuple(path.split("."))
+
+
+def tensor_table(cfg: ModelConfig, *, fused_experts: bool = False) -> list[TensorMap]:
+    """Every tensor of an HF checkpoint of `cfg`, in Hub order (embed, layers, norm, head)."""
+    D, V = cfg.hidden_size, cfg.vocab_size
+    table = [_simple("model.embed_tokens.weight", ("embed",), (), _identity((V, D)))]
+    plan = stack_plan(cfg.layer_kinds)
+    for i, (_, mlp_type) in enumerate(cfg.layer_kinds):
+        s, r, j = layer_location(plan, i)
+        base = ("stacks", s, "block", "layers", j)
+        hf = f"model.layers.{i}."
+        rows = _attention_entries(cfg)
+        if mlp_type == "dense":
+            rows += _dense_mlp_entries(cfg, "mlp", "mlp", cfg.intermediate_size)
+        else:
+            E = cfg.num_experts
+            rows.append(("mlp.gate.weight", "mlp.router_kernel", _linear((E, D))))
+            if cfg.shared_expert_intermediate_size:
+                rows += _dense_mlp_entries(
+                    cfg, "mlp.shared_expert", "mlp.shared", cfg.shared_expert_intermediate_size
+                )
+                rows.append(("mlp.shared_expert_gate.weight", "mlp.shared_gate_kernel", _linear((1, D))))
+        table += [_simple(hf + name, base + _split(ours), (r,), lay) for name, ours, lay in rows]
+        if mlp_type == "moe":
+            table += _expert_entries(cfg, hf, base, r, fused_experts)
+    table.append(_simple("model.norm.weight", ("final_norm", "weight"), (), _identity((D,))))
+    if not cfg.tie_word_embeddings:
+        table.append(_simple("lm_head.weight", ("lm_head",), (), _linear((V, D))))
+    return table
+
+
+def _expert_entries(cfg: ModelConfig, hf: str, base: Path, r: int, fused: bool) -> list[TensorMap]:
+    D, E, F = cfg.hidden_size, cfg.num_experts, cfg.moe_intermediate_size
+    gate, up, down = (base + ("mlp", n) for n in ("gate_kernel", "up_kernel", "down_kernel"))
+    if fused:
+        swap = lambda a: np.swapaxes(a, 1, 2)  # noqa: E731  [E, out, in] <-> [E, in, out]
+        return [
+            TensorMap(
+                hf + "mlp.experts.gate_up_proj", (E, 2 * F, D),
+                (Target(gate, (r,), lambda a: swap(a[:, :F])), Target(up, (r,), lambda a: swap(a[:, F:]))),
+                lambda g, u: np.concatenate([swap(g), swap(u)], axis=1),
+            ),
+            _simple(hf + "mlp.experts.down_proj", down, (r,), ((E, D, F), swap, swap)),
+        ]
+    out = []
+    for e in range(E):
+        p = f"{hf}mlp.experts.{e}."
+        out += [
+            _simple(p + "gate_proj.weight", gate, (r, e), _linear((F, D))),
+            _simple(p + "up_proj.weight", up, (r, e), _linear((F, D))),
+            _simple(p + "down_proj.weight", down, (r, e), _linear((D, F))),
+        ]
+    return out
+
+
+def uses_fused_experts(names) -> bool:
+    return any(n.endswith("mlp.experts.gate_up_proj") for n in names)

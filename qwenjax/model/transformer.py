@@ -1,0 +1,203 @@
+"""The decoder-only causal LM: embedding, scanned decoder layers, final norm, LM head.
+
+Layers are grouped into stacks (`stack_plan`): a stack repeats one block of layer kinds R times
+and holds its parameters stacked on a leading `layers` axis, applied with `jax.lax.scan`, so a
+94-layer model traces one block. A model whose kinds repeat with period p (MoE every 2nd layer,
+or 3 linear + 1 full attention) is one stack of R = L / p blocks; other patterns (e.g.
+`mlp_only_layers=[0]`) become consecutive runs of identical layers.
+
+Dimension letters: B batch, T length, D model, V vocab, E experts, L layers, R repeats.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from qwenjax.config import ModelConfig
+from qwenjax.model.attention import Attention
+from qwenjax.model.layers import RMSNorm, make_param, rope_tables
+from qwenjax.model.mlp import MLP, MoE, empty_router_stats
+
+Kind = tuple[str, str]  # (attention type, mlp type)
+
+
+class StackSpec(NamedTuple):
+    pattern: tuple[Kind, ...]  # the kinds of one block's layers
+    repeats: int
+    first_layer: int
+
+
+def stack_plan(kinds: tuple[Kind, ...]) -> list[StackSpec]:
+    L = len(kinds)
+    for p in range(1, L):
+        if L % p == 0 and all(kinds[i] == kinds[i % p] for i in range(L)):
+            return [StackSpec(kinds[:p], L // p, 0)]
+    plan, start = [], 0
+    for i in range(1, L + 1):
+        if i == L or kinds[i] != kinds[start]:
+            plan.append(StackSpec((kinds[start],), i - start, start))
+            start = i
+    return plan
+
+
+def layer_location(plan: list[StackSpec], layer: int) -> tuple[int, int, int]:
+    """Global layer index -> (stack, repeat, slot in block)."""
+    for s, spec in enumerate(plan):
+        n = len(spec.pattern) * spec.repeats
+        if spec.first_layer <= layer < spec.first_layer + n:
+            r, j = divmod(layer - spec.first_layer, len(spec.pattern))
+            return s, r, j
+    raise IndexError(layer)
+
+
+class LayerInputs(NamedTuple):
+    """What every layer needs besides the hidden states; shapes [B,T(,Dh)]."""
+
+    cos: jax.Array
+    sin: jax.Array
+    positions: jax.Array
+    segment_ids: jax.Array
+    valid: jax.Array  # bool: real tokens (router statistics ignore padding)
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, kind: Kind, *, rngs: nnx.Rngs):
+        D, eps, pd = cfg.hidden_size, cfg.rms_norm_eps, cfg.param_dtype
+        self.input_norm = RMSNorm(D, eps, ("norm",), pd, rngs)
+        self.attn = Attention(cfg, rngs=rngs)
+        self.post_attn_norm = RMSNorm(D, eps, ("norm",), pd, rngs)
+        self.is_moe = kind[1] == "moe"
+        self.num_experts = cfg.num_experts
+        self.mlp = MoE(cfg, rngs=rngs) if self.is_moe else MLP(cfg, cfg.intermediate_size, rngs=rngs)
+
+    def __call__(self, x, inputs: LayerInputs):
+        x = x + self.attn(
+            self.input_norm(x), inputs.cos, inputs.sin, inputs.positions, inputs.segment_ids
+        )
+        h = self.post_attn_norm(x)
+        if self.is_moe:
+            y, stats = self.mlp(h, inputs.valid)
+        else:
+            y, stats = self.mlp(h), empty_router_stats(self.num_experts)
+        return x + y, stats
+
+
+class Block(nnx.Module):
+    """One period of the layer pattern."""
+
+    def __init__(self, cfg: ModelConfig, pattern: tuple[Kind, ...], *, rngs: nnx.Rngs):
+        self.layers = nnx.List([DecoderLayer(cfg, kind, rngs=rngs) for kind in pattern])
+
+    def __call__(self, x, inputs: LayerInputs):
+        total = None
+        for layer in self.layers:
+            x, stats = layer(x, inputs)
+            total = stats if total is None else jax.tree.map(jnp.add, total, stats)
+        return x, total
+
+
+class LayerStack(nnx.Module):
+    """`repeats` copies of a Block, parameters stacked on a leading `layers` axis."""
+
+    def __init__(self, cfg: ModelConfig, spec: StackSpec, *, rngs: nnx.Rngs):
+        keys = jax.random.split(rngs.params(), spec.repeats)
+        graphdef, _ = nnx.split(nnx.eval_shape(lambda: Block(cfg, spec.pattern, rngs=nnx.Rngs(0))))
+        state = jax.vmap(lambda k: nnx.split(Block(cfg, spec.pattern, rngs=nnx.Rngs(k)))[1])(keys)
+        for _, var in nnx.to_flat_state(state):
+            var.set_metadata("axes", ("layers", *var.get_metadata("axes")))
+        self.block = nnx.merge(graphdef, state)
+        self.repeats = spec.repeats
+        self.num_experts = cfg.num_experts
+
+    def __call__(self, x, inputs: LayerInputs):
+        graphdef, params = nnx.split(self.block)
+
+        def body(carry, block_params):
+            h, acc = carry
+            h, stats = nnx.merge(graphdef, block_params)(h, inputs)
+            return (h, jax.tree.map(jnp.add, acc, stats)), None
+
+        zeros = empty_router_stats(self.num_experts)
+        (x, stats), _ = jax.lax.scan(body, (x, zeros), params)
+        return x, stats
+
+
+class CausalLM(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        V, D, pd = cfg.vocab_size, cfg.hidden_size, cfg.param_dtype
+        self.config = cfg
+        self.embed = make_param(rngs, (V, D), ("vocab", "embed"), pd)
+        self.stacks = nnx.List(
+            [LayerStack(cfg, spec, rngs=rngs) for spec in stack_plan(cfg.layer_kinds)]
+        )
+        self.final_norm = RMSNorm(D, cfg.rms_norm_eps, ("norm",), pd, rngs)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = make_param(rngs, (D, V), ("embed", "vocab"), pd)
+
+    def hidden_states(self, input_ids, *, positions=None, segment_ids=None, attention_mask=None):
+        """input_ids [B,T] -> (final hidden states [B,T,D] in the compute dtype, router stats).
+
+        positions default to 0..T-1 (as `transformers` without position_ids); segment_ids
+        (packed documents, >= 1) default to one document; attention_mask [B,T] (1 = token,
+        0 = padding) keeps padding out of every real token's attention and out of router stats.
+        """
+        cfg = self.config
+        dtype = jnp.dtype(cfg.dtype)
+        B, T = input_ids.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        if segment_ids is None:
+            segment_ids = jnp.ones((B, T), jnp.int32)
+        valid = segment_ids > 0
+        if attention_mask is not None:
+            valid = valid & (attention_mask > 0)
+            segment_ids = jnp.where(valid, segment_ids, 0)  # padding only sees padding
+        cos, sin = rope_tables(cfg, positions, dtype)
+        inputs = LayerInputs(cos, sin, positions, segment_ids, valid)
+        x = self.embed[...][input_ids].astype(dtype)
+        total = empty_router_stats(cfg.num_experts)
+        for stack in self.stacks:
+            x, stats = stack(x, inputs)
+            total = jax.tree.map(jnp.add, total, stats)
+        return self.final_norm(x), total
+
+    def head_kernel(self):
+        """[D, V] output projection (the embedding, transposed, when tied)."""
+        return self.embed[...].T if self.config.tie_word_embeddings else self.lm_head[...]
+
+    def __call__(self, input_ids, *, positions=None, segment_ids=None, attention_mask=None):
+        """input_ids [B,T] int -> logits [B,T,V] float32."""
+        h, _ = self.hidden_states(
+            input_ids, positions=positions, segment_ids=segment_ids, attention_mask=attention_mask
+        )
+        return jnp.einsum("btd,dv->btv", h, self.head_kernel().astype(h.dtype)).astype(jnp.float32)
+
+
+def router_losses(stats, cfg: ModelConfig):
+    """(load-balancing loss as transformers' `load_balancing_loss_func`, router z-loss)."""
+    counts, prob_sum, rows, z_sum = stats
+    n_moe = sum(1 for m in cfg.mlp_types if m == "moe")
+    if n_moe == 0:
+        return jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)
+    rows = jnp.maximum(rows, 1.0)  # summed over MoE layers, as transformers' total_rows
+    aux = jnp.sum((counts / rows) * (prob_sum / rows)) * cfg.num_experts
+    return aux, z_sum / rows
+
+
+def init_model(cfg: ModelConfig, seed: int = 0) -> CausalLM:
+    return CausalLM(cfg, rngs=nnx.Rngs(seed))
+
+
+def parameter_counts(cfg: ModelConfig) -> tuple[int, int]:
+    """(total, active per token) parameter counts from the abstract model (no memory used)."""
+    abstract = nnx.eval_shape(lambda: CausalLM(cfg, rngs=nnx.Rngs(0)))
+    total = sum(math.prod(v.get_value().shape) for _, v in nnx.to_flat_state(nnx.state(abstract, nnx.Param)))
+    per_expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size
+    n_moe = sum(1 for m in cfg.mlp_types if m == "moe")
+    inactive = n_moe * (cfg.num_experts - cfg.num_experts_per_tok) * per_expert
+    return int(total), int(total - inactive)

@@ -1,0 +1,129 @@
+"""Mesh axes, the logical-axis table, and the helpers that turn logical names into shardings.
+
+Model code speaks only logical names (`batch`, `embed`, `heads`, `experts` ...). `DEFAULT_RULES`
+maps each to a mesh axis (or a tuple of them, or None = replicated); an experiment may override
+rows. A table that would put one mesh axis on two dimensions of one tensor is refused when the
+spec is built, naming the tensor's axes.
+
+Sharding mode: we build meshes with `AxisType.Auto` (GSPMD/Shardy propagation plus explicit
+constraints at block boundaries), not jax 0.10's default Explicit axes. Auto lets the same model
+code run unsharded, under `jit` with `NamedSharding`s, and inside `shard_map` regions without
+threading sharding types through every einsum; our constraints pin the layouts that matter.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from qwenjax.errors import MeshError
+
+MESH_AXES = ("data", "fsdp", "expert", "tensor", "context")
+
+# logical axis -> mesh axis / tuple of mesh axes / None (replicated)
+DEFAULT_RULES: dict[str, str | tuple[str, ...] | None] = {
+    # activations
+    "batch": ("data", "fsdp", "expert"),
+    "length": "context",
+    "act_embed": None,
+    "act_heads": "tensor",
+    "act_kv_heads": "tensor",
+    "act_mlp": "tensor",
+    "act_vocab": "tensor",
+    # parameters
+    "layers": None,
+    "vocab": "tensor",
+    "embed": "fsdp",
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "head_dim": None,
+    "mlp": "tensor",
+    "experts": "expert",
+    "expert_mlp": "tensor",
+    "norm": None,
+    "router_experts": None,
+}
+
+
+def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A mesh over all devices with axes `MESH_AXES`; axes not named have size 1."""
+    unknown = sorted(set(shape) - set(MESH_AXES))
+    if unknown:
+        raise MeshError(f"unknown mesh axes {unknown}; valid axes are {list(MESH_AXES)}")
+    sizes = [int(shape.get(a, 1)) for a in MESH_AXES]
+    if any(s < 1 for s in sizes):
+        raise MeshError(f"mesh axis sizes must be >= 1, got {dict(shape)}")
+    devices = list(devices if devices is not None else jax.devices())
+    if math.prod(sizes) != len(devices):
+        named = " x ".join(f"{a}={s}" for a, s in zip(MESH_AXES, sizes) if s > 1) or "all 1"
+        raise MeshError(
+            f"mesh {named} needs {math.prod(sizes)} devices but {len(devices)} are available"
+        )
+    grid = np.asarray(devices).reshape(sizes)
+    return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def check_rules(rules: Mapping[str, str | tuple[str, ...] | None]) -> dict:
+    """Validate an axis table (unknown logical or mesh names) and return it merged over defaults."""
+    merged = dict(DEFAULT_RULES)
+    for logical, target in rules.items():
+        if logical not in DEFAULT_RULES:
+            raise MeshError(f"axis table: unknown logical axis {logical!r}")
+        targets = (target,) if isinstance(target, str) else tuple(target or ())
+        bad = [t for t in targets if t not in MESH_AXES]
+        if bad:
+            raise MeshError(f"axis table: {logical!r} maps to unknown mesh axes {bad}")
+        merged[logical] = target if isinstance(target, str) or target is None else tuple(target)
+    return merged
+
+
+def logical_to_spec(
+    axes: Sequence[str | None], rules: Mapping | None = None, mesh: Mesh | None = None
+) -> PartitionSpec:
+    """PartitionSpec for a tensor whose dimensions carry these logical names.
+
+    Mesh axes of size 1 are dropped. A mesh axis used by two dimensions is an error.
+    """
+    rules = DEFAULT_RULES if rules is None else rules
+    used: dict[str, str] = {}
+    spec = []
+    for name in axes:
+        target = rules.get(name) if name is not None else None
+        if name is not None and name not in rules:
+            raise MeshError(f"logical axis {name!r} has no row in the axis table")
+        targets = (target,) if isinstance(target, str) else tuple(target or ())
+        if mesh is not None:
+            targets = tuple(t for t in targets if mesh.shape[t] > 1)
+        for t in targets:
+            if t in used:
+                raise MeshError(
+                    f"axis table puts mesh axis {t!r} on both {used[t]!r} and {name!r} "
+                    f"of one tensor with axes {tuple(axes)}"
+                )
+            used[t] = name
+        spec.append(None if not targets else targets[0] if len(targets) == 1 else targets)
+    return PartitionSpec(*spec)
+
+
+def fit_spec(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
+    """Drop mesh axes from dimensions they do not divide (e.g. 2 kv heads over tensor=4)."""
+    out = []
+    for dim, entry in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+        names = (entry,) if isinstance(entry, str) else tuple(entry or ())
+        kept, size = [], 1
+        for n in names:
+            if dim % (size * mesh.shape[n]) == 0:
+                kept.append(n)
+                size *= mesh.shape[n]
+        out.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
+    return PartitionSpec(*out)
+
+
+def named_sharding(
+    mesh: Mesh, axes: Sequence[str | None], shape: Sequence[int], rules: Mapping | None = None
+) -> NamedSharding:
+    return NamedSharding(mesh, fit_spec(logical_to_spec(axes, rules, mesh), shape, mesh))
