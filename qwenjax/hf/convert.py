@@ -16,9 +16,7 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import sys
-import tempfile
 from functools import lru_cache
 from pathlib import Path
 
@@ -29,6 +27,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from qwenjax.atomic import atomic_dir
 from qwenjax.config import ModelConfig
 from qwenjax.errors import ConfigError, ConversionError
 from qwenjax.hf.names import TensorMap, tensor_table, uses_fused_experts
@@ -205,9 +204,7 @@ def save_pretrained(
             slices = [np.asarray(params[t.param][t.index]) for t in entry.targets]
             yield entry.to_hf(*slices)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         names = (
             ["model.safetensors"] if len(shards) == 1
             else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
@@ -228,19 +225,4 @@ def save_pretrained(
         hf_config["dtype"] = name
         hf_config.pop("torch_dtype", None)
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True))
-        replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
-
-
-def replace_dir(new: Path, target: Path) -> None:
-    """Move a finished directory into place; an old one is removed only after the swap."""
-    if target.exists():
-        backup = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.rename(target, backup)
-        os.rename(new, target)
-        shutil.rmtree(backup, ignore_errors=True)
-    else:
-        os.rename(new, target)

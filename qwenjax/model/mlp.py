@@ -46,10 +46,11 @@ class MoE(nnx.Module):
         B, T, D = x.shape
         xf = x.reshape(B * T, D)
         c = lambda p: p[...].astype(x.dtype)  # noqa: E731
-        logits = xf @ c(self.router_kernel)  # [N,E] in the compute dtype, as transformers
+        # Router in fp32 (transformers uses the compute dtype): fewer bf16 routing flips.
+        logits = xf.astype(jnp.float32) @ self.router_kernel[...].astype(jnp.float32)  # [N,E]
         weights, experts, probs = route(logits, cfg.num_experts_per_tok, cfg.norm_topk_prob)
         y = grouped_ffn(
-            xf, weights.astype(x.dtype), experts,
+            xf, weights, experts,
             c(self.gate_kernel), c(self.up_kernel), c(self.down_kernel),
         )
         if cfg.shared_expert_intermediate_size:

@@ -63,9 +63,10 @@ def grouped_ffn(x, weights, experts, w_gate, w_up, w_down, *, impl: str = "auto"
         ys = _blocked_swiglu(xs, group_sizes, w_gate, w_up, w_down, block)
     else:
         raise ValueError(f"unknown grouped_ffn impl {impl!r}")
-    w_sorted = weights.reshape(-1)[order].astype(x.dtype)
-    out = jnp.zeros((N, D), x.dtype).at[token].add(ys.astype(x.dtype) * w_sorted[:, None])
-    return out
+    # Combine the k expert outputs of each token in fp32, cast once.
+    w_sorted = weights.reshape(-1)[order].astype(F32)
+    out = jnp.zeros((N, D), F32).at[token].add(ys.astype(F32) * w_sorted[:, None])
+    return out.astype(x.dtype)
 
 
 def _blocked_swiglu(xs, group_sizes, w_gate, w_up, w_down, block):

@@ -1,0 +1,92 @@
+"""The `qwenjax` command.
+
+    qwenjax import-hf HF_DIR CKPT_DIR     HF checkpoint -> Orbax parameter checkpoint
+    qwenjax export-hf CKPT_DIR HF_DIR     Orbax parameter checkpoint -> HF directory
+
+Bad input (a QwenJaxError) prints one line `qwenjax: error: ...` and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+
+def _mesh_arg(text: str | None):
+    if not text:
+        return None
+    from qwenjax.errors import MeshError
+    from qwenjax.sharding import make_mesh
+
+    shape = {}
+    for part in text.split(","):
+        name, _, size = part.partition("=")
+        if not size.strip().isdigit():
+            raise MeshError(f"--mesh {text!r}: expected AXIS=N[,AXIS=N...], e.g. fsdp=2,expert=4")
+        shape[name.strip()] = int(size)
+    return make_mesh(shape)
+
+
+def cmd_import_hf(args) -> None:
+    from qwenjax.hf.convert import from_pretrained
+    from qwenjax.train.checkpoint import save_params
+
+    t0 = time.time()
+    model = from_pretrained(
+        args.hf_dir, dtype=args.dtype, param_dtype=args.param_dtype, mesh=_mesh_arg(args.mesh),
+        progress=True,
+    )
+    print(f"loaded {args.hf_dir} in {time.time() - t0:.1f}s; writing {args.ckpt_dir}", file=sys.stderr)
+    save_params(model, args.ckpt_dir)
+    print(f"wrote {args.ckpt_dir} ({time.time() - t0:.1f}s)", file=sys.stderr)
+
+
+def cmd_export_hf(args) -> None:
+    from qwenjax.hf.convert import save_pretrained
+    from qwenjax.train.checkpoint import load_params
+
+    t0 = time.time()
+    model = load_params(args.ckpt_dir, mesh=_mesh_arg(args.mesh))
+    save_pretrained(
+        model, args.hf_dir, dtype=args.dtype, max_shard_size=args.max_shard_size, progress=True
+    )
+    print(f"wrote {args.hf_dir} ({time.time() - t0:.1f}s)", file=sys.stderr)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qwenjax", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("import-hf", help="Hugging Face directory -> Orbax parameter checkpoint")
+    p.add_argument("hf_dir")
+    p.add_argument("ckpt_dir")
+    p.add_argument("--dtype", default="float32", help="compute dtype recorded with the model")
+    p.add_argument("--param-dtype", default="float32")
+    p.add_argument("--mesh", help="load sharded, e.g. fsdp=2,expert=4 (default: one device)")
+    p.set_defaults(func=cmd_import_hf)
+
+    p = sub.add_parser("export-hf", help="Orbax parameter checkpoint -> Hugging Face directory")
+    p.add_argument("ckpt_dir")
+    p.add_argument("hf_dir")
+    p.add_argument("--dtype", default=None, help="dtype to write (default: the source's)")
+    p.add_argument("--max-shard-size", default="5GB")
+    p.add_argument("--mesh", help="restore sharded, e.g. fsdp=8")
+    p.set_defaults(func=cmd_export_hf)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from qwenjax.errors import QwenJaxError
+
+    try:
+        args.func(args)
+    except QwenJaxError as e:
+        print(f"qwenjax: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

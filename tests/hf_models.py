@@ -1,0 +1,108 @@
+"""Tiny random `transformers` models of each family, saved to a directory, plus comparisons."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+BASE = dict(
+    vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+    rms_norm_eps=1e-6, initializer_range=0.02,
+)
+MOE = dict(num_experts=6, num_experts_per_tok=2, moe_intermediate_size=32)
+YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32, "rope_theta": 10000.0}
+DYNAMIC = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
+LINEAR = {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}
+
+# family -> list of (case name, config overrides). Together they cover: tied embeddings, q/k/v
+# bias, mlp_only_layers, decoder_sparse_step=2, norm_topk_prob false and true, shared experts,
+# YaRN / dynamic / linear rope, MHA and GQA, head_dim != hidden/heads.
+CASES = {
+    "qwen2": [
+        ("tied-gqa", dict(tie_word_embeddings=True)),
+        ("yarn", dict(rope_parameters=YARN)),
+        ("mha-dynamic", dict(num_key_value_heads=4, rope_parameters=DYNAMIC, max_position_embeddings=48)),
+    ],
+    "qwen2_moe": [
+        ("shared-sparse2", dict(MOE, shared_expert_intermediate_size=48, decoder_sparse_step=2)),
+        ("mlponly-normtopk-yarn", dict(MOE, shared_expert_intermediate_size=48, mlp_only_layers=[0],
+                                       norm_topk_prob=True, qkv_bias=False, rope_parameters=YARN)),
+        ("tied-linear", dict(MOE, shared_expert_intermediate_size=32, tie_word_embeddings=True,
+                                      rope_parameters=LINEAR)),
+    ],
+    "qwen3": [
+        ("tied", dict(tie_word_embeddings=True, head_dim=16)),
+        ("bias-yarn", dict(attention_bias=True, head_dim=24, rope_parameters=YARN)),
+        ("mha-dynamic", dict(num_key_value_heads=4, head_dim=16, rope_parameters=DYNAMIC,
+                             max_position_embeddings=48)),
+    ],
+    "qwen3_moe": [
+        ("normtopk-sparse2", dict(MOE, head_dim=16, norm_topk_prob=True, decoder_sparse_step=2)),
+        ("nonorm-mlponly-yarn", dict(MOE, head_dim=16, norm_topk_prob=False, mlp_only_layers=[1],
+                                     rope_parameters=YARN)),
+        ("tied-linear", dict(MOE, head_dim=16, norm_topk_prob=True, tie_word_embeddings=True,
+                             rope_parameters=LINEAR)),
+    ],
+}
+
+
+def all_cases():
+    return [(fam, name, over) for fam, cases in CASES.items() for name, over in cases]
+
+
+def build(family: str, overrides: dict, seed: int = 0, **extra):
+    import transformers
+
+    config_cls, model_cls = {
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        "qwen2_moe": (transformers.Qwen2MoeConfig, transformers.Qwen2MoeForCausalLM),
+        "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+        "qwen3_moe": (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM),
+    }[family]
+    kw = dict(BASE, **overrides, **extra)
+    if kw.get("rope_parameters", {}).get("rope_type") == "yarn":
+        kw["max_position_embeddings"] = 128  # = factor * original, the consistent YaRN setting
+    torch.manual_seed(seed)
+    config = config_cls(**kw)
+    config._attn_implementation = "eager"
+    return model_cls(config).eval()
+
+
+def save(model, path) -> str:
+    model.save_pretrained(path)
+    return str(path)
+
+
+def hf_logits(model, ids: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    with torch.no_grad():
+        kw = {} if mask is None else {"attention_mask": torch.tensor(mask)}
+        return model(torch.tensor(ids), **kw).logits.float().numpy()
+
+
+def batch(vocab: int, B: int, T: int, seed: int = 0, left_pad: int = 0):
+    """Random ids [B,T] and an attention mask whose last row has `left_pad` padding tokens."""
+    rng = np.random.RandomState(seed)
+    ids = rng.randint(0, vocab, (B, T)).astype(np.int32)
+    mask = np.ones((B, T), np.int32)
+    if left_pad:
+        mask[-1, :left_pad] = 0
+    return ids, mask
+
+
+def train_briefly(model, steps: int = 80, T: int = 64, seed: int = 0):
+    """A few Adam steps on a deterministic next-token rule so predictions become confident, as in
+    a real checkpoint (random models have near-tied logits whose top-1 any rounding flips)."""
+    V = model.config.vocab_size
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(steps):
+        start = torch.randint(0, V, (8, 1), generator=gen)
+        step = torch.randint(1, 4, (8, 1), generator=gen)
+        ids = (start + step * torch.arange(T)) % V
+        loss = model(ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
