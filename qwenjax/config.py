@@ -199,7 +199,7 @@ class ModelConfig:
 def load_preset(name_or_path: str) -> ModelConfig:
     """A preset by name (`configs/models/NAME.yaml`) or a YAML path."""
     path = Path(name_or_path)
-    if not path.suffix:
+    if path.suffix not in (".yaml", ".yml"):
         path = PRESET_DIR / f"{name_or_path}.yaml"
     if not path.exists():
         known = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
@@ -239,11 +239,15 @@ def _check_types(d: dict, cls: type, source: str) -> None:
 # features. Everything else is shared.
 
 _FAMILIES: dict[str, dict[str, Any]] = {
-    # qkv_bias: fixed value or the HF key that holds it; o_bias likewise.
+    # qkv_bias: fixed value or the HF key that holds it; o_bias likewise. moe: False, or the key
+    # that family's config.json uses for the expert count (both spellings are read).
     "qwen2": {"qkv_bias": True, "o_bias": False, "qk_norm": False, "moe": False},
-    "qwen2_moe": {"qkv_bias": "qkv_bias", "o_bias": False, "qk_norm": False, "moe": True},
+    "qwen2_moe": {"qkv_bias": "qkv_bias", "o_bias": False, "qk_norm": False, "moe": "num_experts"},
     "qwen3": {"qkv_bias": "attention_bias", "o_bias": "attention_bias", "qk_norm": True, "moe": False},
-    "qwen3_moe": {"qkv_bias": "attention_bias", "o_bias": "attention_bias", "qk_norm": True, "moe": True},
+    "qwen3_moe": {
+        "qkv_bias": "attention_bias", "o_bias": "attention_bias", "qk_norm": True,
+        "moe": "num_local_experts",  # the key transformers 5 writes for this family
+    },
 }
 _BIAS_DEFAULT = {"qkv_bias": True, "attention_bias": False}
 
@@ -362,8 +366,8 @@ def _to_hf(cfg: ModelConfig) -> dict[str, Any]:
         if isinstance(spec, str):
             out[spec] = getattr(cfg, name)
     if fam["moe"]:
+        out[fam["moe"]] = cfg.num_experts
         out.update(
-            num_experts=cfg.num_experts,
             num_experts_per_tok=cfg.num_experts_per_tok,
             moe_intermediate_size=cfg.moe_intermediate_size,
             norm_topk_prob=cfg.norm_topk_prob,
