@@ -103,7 +103,8 @@ class ModelConfig:
     # Runtime, not architecture: compute dtype and parameter dtype.
     dtype: str = "float32"
     param_dtype: str = "float32"
-    attn_block: int = 512  # query/key block of the blockwise attention
+    remat: str = "full"  # layer rematerialisation: full | dots | none (see model/transformer.py)
+    attn_block: int = 128  # query/key block of blockwise attention (fastest fwd+bwd on CPU)
     # JSON of HF config keys we carry but do not use (token ids, stored dtype, ...).
     hf_extra: str = "{}"
 
@@ -115,6 +116,8 @@ class ModelConfig:
             raise ConfigError(
                 f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
             )
+        if self.remat not in ("full", "dots", "none"):
+            raise ConfigError(f"remat {self.remat!r} is not one of full, dots, none")
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in DTYPES:
                 raise ConfigError(f"{name} {getattr(self, name)!r} is not one of {DTYPES}")

@@ -5,8 +5,8 @@ same random batch of B rows of T tokens in one process on CPU:
 
 - forward: logits for [B, T] input ids (torch under `no_grad`, qwenjax jitted).
 - train step: next-token cross-entropy + 0.001 * router load-balancing loss and the gradients of
-  every parameter (torch: `loss.backward()` in eager mode; qwenjax: `nnx.value_and_grad` under
-  `nnx.jit`). No optimizer update on either side.
+  every parameter (torch: `loss.backward()` in eager mode; qwenjax: `jax.value_and_grad` under
+  `jax.jit` of the split parameter pytree, see qwenjax/train/step.py). No optimizer update on either side.
 
 Each is warmed up once (qwenjax's warm-up is its compile, reported separately), then timed for
 `--iters` steps, qwenjax and torch alternating so background load skews both alike; throughput
@@ -36,7 +36,8 @@ import transformers
 from flax import nnx
 
 import qwenjax
-from qwenjax.train.loss import Batch, batch_from_tokens, loss_fn
+from qwenjax.train.loss import Batch, batch_from_tokens
+from qwenjax.train.step import make_forward, make_loss_and_grad, split_model
 
 Step = Callable[[], object]
 AUX_WEIGHT = 0.001  # transformers' router_aux_loss_coef default, so both losses match
@@ -63,16 +64,15 @@ def setup_qwenjax(cfg: qwenjax.ModelConfig, tokens: np.ndarray) -> tuple[Step, S
     batch = batch_from_tokens(jax.numpy.asarray(tokens))
     ids = batch.input_ids
 
-    @nnx.jit
-    def fwd(model: nnx.Module, ids: jax.Array) -> jax.Array:
-        return model(ids)
+    graphdef, params = split_model(model)
+    fwd_fn = make_forward(graphdef)
+    grad_fn = make_loss_and_grad(graphdef, aux_weight=AUX_WEIGHT)
 
-    @nnx.jit
+    def fwd(model: nnx.Module, ids: jax.Array) -> jax.Array:
+        return fwd_fn(params, ids)
+
     def train(model: nnx.Module, batch: Batch) -> tuple[jax.Array, nnx.State]:
-        grad_fn = nnx.value_and_grad(
-            lambda mdl: loss_fn(mdl, batch, aux_weight=AUX_WEIGHT), has_aux=True
-        )
-        (loss, _), grads = grad_fn(model)
+        (loss, _), grads = grad_fn(params, batch)
         return loss, grads  # returning grads keeps XLA from dead-code-eliminating the backward
 
     # The first call traces, compiles and runs once; that is the compile cost a user pays.

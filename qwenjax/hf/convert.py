@@ -130,17 +130,21 @@ def from_pretrained(
     graphdef, state = nnx.split(nnx.eval_shape(lambda: CausalLM(cfg, rngs=nnx.Rngs(0))))
     variables = dict(nnx.to_flat_state(state))
     shardings = {p: param_sharding(mesh, v, rules) for p, v in variables.items()}
+    # Stacked parameters are filled slice by slice into zeros; whole ones are placed directly.
+    stacked = {t.param for entry in table for t in entry.targets if t.index}
     buffers = {
-        p: _zeros(v.get_value().shape, jnp.dtype(param_dtype), shardings[p])()
-        for p, v in variables.items()
+        p: _zeros(variables[p].get_value().shape, jnp.dtype(param_dtype), shardings[p])()
+        for p in stacked
     }
     target_dtype = NP_DTYPES[param_dtype]
     order = sorted(table, key=lambda t: (str(infos[t.hf_name].file), infos[t.hf_name].offset))
     for n, entry in enumerate(order):
         raw = read_tensor(infos[entry.hf_name])
+        # Lay out every piece, then drop the raw tensor before any device copy: <= 2x one tensor.
+        pieces = [np.ascontiguousarray(t.to_ours(raw), dtype=target_dtype) for t in entry.targets]
+        del raw
         for target in entry.targets:
-            piece = np.ascontiguousarray(target.to_ours(raw), dtype=target_dtype)
-            sharding = shardings[target.param]
+            piece, sharding = pieces.pop(0), shardings[target.param]
             if target.index:
                 piece = jax.device_put(piece, _slice_sharding(sharding, len(target.index)))
                 index = jnp.asarray(target.index, jnp.int32)
@@ -148,7 +152,6 @@ def from_pretrained(
             else:
                 buffers[target.param] = jax.device_put(piece, sharding)
             del piece
-        del raw
         if progress and (n % 50 == 0 or n == len(order) - 1):
             print(f"\rimport {n + 1}/{len(order)} tensors", end="", file=sys.stderr, flush=True)
     if progress:

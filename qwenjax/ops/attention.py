@@ -75,7 +75,9 @@ def attention_with_lse(
     return _flash(q, k, v, ints(q_pos), ints(kv_pos), ints(q_seg), ints(kv_seg), causal, scale, bq, bk)
 
 
-# ---- blocking helpers -------------------------------------------------------------------------
+# ---- layout ---------------------------------------------------------------------------------
+# Internally everything is head-major, so batch dims (b, k) lead every dot product:
+#   q [B,K,G,T,Dh], k/v [B,K,T,Dh]; blocked along T: q [nq,B,K,G,bq,Dh], k/v [nk,B,K,bk,Dh].
 
 
 def _pad_to(x, block, axis, value):
@@ -87,44 +89,62 @@ def _pad_to(x, block, axis, value):
     return jnp.pad(x, widths, constant_values=value)
 
 
-def _blocks(x, block):
-    """[B, T, ...] -> [n, B, block, ...] (T already a multiple of block)."""
-    B, T = x.shape[:2]
-    x = x.reshape(B, T // block, block, *x.shape[2:])
-    return jnp.moveaxis(x, 1, 0)
+def _blocks(x, block, axis):
+    """Split `axis` (a multiple of block) into [n, ..., block, ...] with n leading."""
+    shape = x.shape[:axis] + (x.shape[axis] // block, block) + x.shape[axis + 1:]
+    return jnp.moveaxis(x.reshape(shape), axis, 0)
 
 
-def _unblocks(x):
-    """[n, B, block, ...] -> [B, n*block, ...]."""
-    x = jnp.moveaxis(x, 0, 1)
-    return x.reshape(x.shape[0], -1, *x.shape[3:])
+def _unblocks(x, axis):
+    """Inverse of `_blocks`: [n, ..., block, ...] -> [..., n*block, ...] at `axis`."""
+    x = jnp.moveaxis(x, 0, axis)
+    return x.reshape(x.shape[:axis] + (-1,) + x.shape[axis + 2:])
+
+
+def _q_heads(q, K):
+    """[B,T,H,Dh] -> [B,K,G,T,Dh]."""
+    B, T, H, Dh = q.shape
+    return q.reshape(B, T, K, H // K, Dh).transpose(0, 2, 3, 1, 4)
+
+
+def _q_tokens(x):
+    """[B,K,G,T,Dh] -> [B,T,H,Dh]."""
+    B, K, G, T, Dh = x.shape
+    return x.transpose(0, 3, 1, 2, 4).reshape(B, T, K * G, Dh)
 
 
 def _prep(q, k, v, q_pos, kv_pos, q_seg, kv_seg, bq, bk):
-    B, Tq, H, Dh = q.shape
     K = k.shape[2]
-    G = H // K
-    qb = _blocks(_pad_to(q, bq, 1, 0).reshape(B, -1, K, G, Dh), bq)  # [nq,B,bq,K,G,Dh]
-    q_pos_b = _blocks(_pad_to(q_pos, bq, 1, 0), bq)
-    q_seg_b = _blocks(_pad_to(q_seg, bq, 1, _Q_PAD_SEGMENT), bq)
-    kb = _blocks(_pad_to(k, bk, 1, 0), bk)  # [nk,B,bk,K,Dh]
-    vb = _blocks(_pad_to(v, bk, 1, 0), bk)
-    kv_pos_b = _blocks(_pad_to(kv_pos, bk, 1, 0), bk)
-    kv_seg_b = _blocks(_pad_to(kv_seg, bk, 1, _KV_PAD_SEGMENT), bk)
+    qb = _blocks(_pad_to(_q_heads(q, K), bq, 3, 0), bq, 3)  # [nq,B,K,G,bq,Dh]
+    kb = _blocks(_pad_to(k.transpose(0, 2, 1, 3), bk, 2, 0), bk, 2)  # [nk,B,K,bk,Dh]
+    vb = _blocks(_pad_to(v.transpose(0, 2, 1, 3), bk, 2, 0), bk, 2)
+    q_pos_b = _blocks(_pad_to(q_pos, bq, 1, 0), bq, 1)  # [nq,B,bq]
+    q_seg_b = _blocks(_pad_to(q_seg, bq, 1, _Q_PAD_SEGMENT), bq, 1)
+    kv_pos_b = _blocks(_pad_to(kv_pos, bk, 1, 0), bk, 1)
+    kv_seg_b = _blocks(_pad_to(kv_seg, bk, 1, _KV_PAD_SEGMENT), bk, 1)
     return qb, q_pos_b, q_seg_b, kb, vb, kv_pos_b, kv_seg_b
 
 
 def _scores(qb, kb, scale):
-    """[B,bq,K,G,Dh] x [B,bk,K,Dh] -> fp32 [B,K,G,bq,bk]."""
-    return jnp.einsum("bqkgd,bskd->bkgqs", qb, kb, preferred_element_type=F32) * scale
+    """[B,K,G,bq,Dh] x [B,K,bk,Dh] -> fp32 [B,K,G,bq,bk]."""
+    return jnp.einsum("bkgqd,bksd->bkgqs", qb, kb, preferred_element_type=F32) * scale
+
+
+def _skip_or(mask, compute, carry, n_blocks):
+    """Run `compute(carry)` unless no pair in `mask` is visible (skip only if there are blocks
+    to skip: with one block the branch costs more than it saves)."""
+    if n_blocks == 1:
+        return compute(carry)
+    return jax.lax.cond(jnp.any(mask), compute, lambda c: c, carry)
 
 
 # ---- forward ----------------------------------------------------------------------------------
 
 
 def _forward_q_block(qb, q_pos, q_seg, kv_blocks, causal, scale):
-    """One query block against all key blocks: online softmax. Returns acc/l, m, l (fp32)."""
-    B, bq, K, G, Dh = qb.shape
+    """One query block against all key blocks: online softmax. Returns o (fp32), m, l."""
+    B, K, G, bq, Dh = qb.shape
+    nk = kv_blocks[0].shape[0]
     init = (
         jnp.full((B, K, G, bq), -jnp.inf, F32),
         jnp.zeros((B, K, G, bq), F32),
@@ -143,10 +163,10 @@ def _forward_q_block(qb, q_pos, q_seg, kv_blocks, causal, scale):
             p = jnp.exp(s - m_safe[..., None])
             alpha = jnp.exp(m - m_safe)
             l = l * alpha + jnp.sum(p, axis=-1)
-            pv = jnp.einsum("bkgqs,bskd->bkgqd", p.astype(vb.dtype), vb, preferred_element_type=F32)
+            pv = jnp.einsum("bkgqs,bksd->bkgqd", p.astype(vb.dtype), vb, preferred_element_type=F32)
             return m_new, l, acc * alpha[..., None] + pv
 
-        return jax.lax.cond(jnp.any(mask), compute, lambda c: c, carry), None
+        return _skip_or(mask, compute, carry, nk), None
 
     (m, l, acc), _ = jax.lax.scan(step, init, kv_blocks)
     return acc / jnp.where(l == 0, 1.0, l)[..., None], m, l
@@ -162,13 +182,12 @@ def _flash_forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, causal, scale, bq, bk)
     def one(args):
         o, m, l = _forward_q_block(*args, kv_blocks, causal, scale)
         lse = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), -jnp.inf)
-        return o, lse
+        return o.astype(q.dtype), lse
 
     o, lse = jax.lax.map(one, (qb, q_pos_b, q_seg_b))  # [nq,B,K,G,bq,Dh], [nq,B,K,G,bq]
-    o = jnp.moveaxis(o, 4, 2)  # [nq,B,bq,K,G,Dh]
-    o = _unblocks(o)[:, :Tq].reshape(B, Tq, H, Dh).astype(q.dtype)
-    lse = _unblocks(jnp.moveaxis(lse, 4, 2))[:, :Tq].reshape(B, Tq, H)
-    return o, lse
+    o = _q_tokens(_unblocks(o, 3)[:, :, :, :Tq])
+    lse = _unblocks(lse, 3)[..., :Tq]  # [B,K,G,Tq]
+    return o, lse.transpose(0, 3, 1, 2).reshape(B, Tq, H)
 
 
 # ---- custom VJP -------------------------------------------------------------------------------
@@ -197,78 +216,61 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
 def attention_backward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, o, lse, do, *, causal, scale, bq, bk):
-    """Gradients of blockwise attention given the output and its log-sum-exp.
+    """Gradients of blockwise attention given the output and its log-sum-exp (one pass).
 
     `lse` may be the log-sum-exp over a larger key set than `k`/`v` (ring attention passes the
     global one); the result is then this key set's share of dq and its exact dk/dv.
+    Outer scan over key blocks (dq accumulated across it), inner scan over query blocks; the
+    probabilities of each visible block pair are computed once.
     """
     B, Tq, H, Dh = q.shape
     K = k.shape[2]
-    G = H // K
+    Tk = k.shape[1]
     qb, q_pos_b, q_seg_b, kb, vb, kv_pos_b, kv_seg_b = _prep(
         q, k, v, q_pos, kv_pos, q_seg, kv_seg, bq, bk
     )
+    nq, nk = qb.shape[0], kb.shape[0]
     delta = jnp.sum(do.astype(F32) * o.astype(F32), axis=-1)  # [B,Tq,H]
 
     def per_head_blocks(x):  # [B,Tq,H] -> [nq,B,K,G,bq]
-        x = _blocks(_pad_to(x.reshape(B, Tq, K, G), bq, 1, 0), bq)
-        return jnp.moveaxis(x, 2, 4)
+        x = x.reshape(B, Tq, K, H // K).transpose(0, 2, 3, 1)
+        return _blocks(_pad_to(x, bq, 3, 0), bq, 3)
 
-    lse_safe = jnp.where(jnp.isfinite(lse), lse, 0.0)
-    lse_b, delta_b = per_head_blocks(lse_safe), per_head_blocks(delta)
-    dob = _blocks(_pad_to(do, bq, 1, 0).reshape(B, -1, K, G, Dh), bq)
+    lse_b = per_head_blocks(jnp.where(jnp.isfinite(lse), lse, 0.0))
+    delta_b = per_head_blocks(delta)
+    dob = _blocks(_pad_to(_q_heads(do, K), bq, 3, 0), bq, 3)
+    q_side = (qb, dob, lse_b, delta_b, q_pos_b, q_seg_b)
 
-    def probs(qblk, kblk, lse_blk, mask):
-        return jnp.where(mask, jnp.exp(_scores(qblk, kblk, scale) - lse_blk[..., None]), 0.0)
+    def kv_step(dq_all, kv_blk):
+        kblk, vblk, kp, ks = kv_blk
 
-    def dq_block(args):
-        qblk, dob_blk, lse_blk, delta_blk, qp, qs = args
-
-        def step(dq, blk):
-            kblk, vblk, kp, ks = blk
-            mask = visible(qp, kp, qs, ks, causal)[:, None, None]
-
-            def compute(dq):
-                p = probs(qblk, kblk, lse_blk, mask)
-                dp = jnp.einsum("bqkgd,bskd->bkgqs", dob_blk, vblk, preferred_element_type=F32)
-                ds = p * (dp - delta_blk[..., None])
-                return dq + jnp.einsum("bkgqs,bskd->bqkgd", ds, kblk, preferred_element_type=F32)
-
-            return jax.lax.cond(jnp.any(mask), compute, lambda d: d, dq), None
-
-        dq, _ = jax.lax.scan(step, jnp.zeros(qblk.shape, F32), (kb, vb, kv_pos_b, kv_seg_b))
-        return dq * scale
-
-    def dkv_block(args):
-        kblk, vblk, kp, ks = args
-
-        def step(carry, blk):
-            qblk, dob_blk, lse_blk, delta_blk, qp, qs = blk
+        def q_step(carry, q_blk):
+            qblk, dob_blk, lse_blk, delta_blk, qp, qs = q_blk
             mask = visible(qp, kp, qs, ks, causal)[:, None, None]
 
             def compute(carry):
-                dk, dv = carry
-                p = probs(qblk, kblk, lse_blk, mask)
+                dk, dv, _ = carry
+                p = jnp.where(mask, jnp.exp(_scores(qblk, kblk, scale) - lse_blk[..., None]), 0.0)
                 dv = dv + jnp.einsum(
-                    "bkgqs,bqkgd->bskd", p.astype(dob_blk.dtype), dob_blk, preferred_element_type=F32
+                    "bkgqs,bkgqd->bksd", p.astype(dob_blk.dtype), dob_blk, preferred_element_type=F32
                 )
-                dp = jnp.einsum("bqkgd,bskd->bkgqs", dob_blk, vblk, preferred_element_type=F32)
+                dp = jnp.einsum("bkgqd,bksd->bkgqs", dob_blk, vblk, preferred_element_type=F32)
                 ds = p * (dp - delta_blk[..., None])
-                dk = dk + jnp.einsum("bkgqs,bqkgd->bskd", ds, qblk, preferred_element_type=F32)
-                return dk, dv
+                dk = dk + jnp.einsum("bkgqs,bkgqd->bksd", ds, qblk, preferred_element_type=F32)
+                dq = jnp.einsum("bkgqs,bksd->bkgqd", ds, kblk, preferred_element_type=F32)
+                return dk, dv, dq
 
-            return jax.lax.cond(jnp.any(mask), compute, lambda c: c, carry), None
+            zero_dq = jnp.zeros(qblk.shape, F32)
+            dk, dv, dq = _skip_or(mask, compute, (*carry, zero_dq), nq * nk)
+            return (dk, dv), dq
 
         zeros = jnp.zeros(kblk.shape, F32)
-        (dk, dv), _ = jax.lax.scan(
-            step, (zeros, zeros), (qb, dob, lse_b, delta_b, q_pos_b, q_seg_b)
-        )
-        return dk * scale, dv
+        (dk, dv), dq = jax.lax.scan(q_step, (zeros, zeros), q_side)
+        return dq_all + dq, (dk * scale, dv)
 
-    dq = jax.lax.map(dq_block, (qb, dob, lse_b, delta_b, q_pos_b, q_seg_b))
-    dk, dv = jax.lax.map(dkv_block, (kb, vb, kv_pos_b, kv_seg_b))
-    Tk = k.shape[1]
-    dq = _unblocks(dq)[:, :Tq].reshape(B, Tq, H, Dh).astype(q.dtype)
-    dk = _unblocks(dk)[:, :Tk].astype(k.dtype)
-    dv = _unblocks(dv)[:, :Tk].astype(v.dtype)
+    dq0 = jnp.zeros(qb.shape, F32)
+    dq, (dk, dv) = jax.lax.scan(kv_step, dq0, (kb, vb, kv_pos_b, kv_seg_b))
+    dq = _q_tokens(_unblocks(dq * scale, 3)[:, :, :, :Tq]).astype(q.dtype)
+    dk = _unblocks(dk, 2)[:, :, :Tk].transpose(0, 2, 1, 3).astype(k.dtype)
+    dv = _unblocks(dv, 2)[:, :, :Tk].transpose(0, 2, 1, 3).astype(v.dtype)
     return dq, dk, dv

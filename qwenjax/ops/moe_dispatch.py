@@ -16,6 +16,8 @@ Both are exact (no token is dropped) and differentiable; `dense_moe_reference` i
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 
@@ -46,51 +48,112 @@ def grouped_ffn(x, weights, experts, w_gate, w_up, w_down, *, impl: str = "auto"
     Returns sum_j weights[n,j] * SwiGLU_{experts[n,j]}(x[n]) as [N,D] in x.dtype.
     """
     impl = default_impl() if impl == "auto" else impl
-    N, D = x.shape
+    N, _ = x.shape
     k = experts.shape[1]
     E = w_gate.shape[0]
-    flat = experts.reshape(-1)  # [M]
-    order = jnp.argsort(flat, stable=True)  # sorted position -> routed row
-    token = order // k  # sorted position -> token
-    group_sizes = jnp.bincount(flat, length=E).astype(jnp.int32)
-    xs = x[token]  # [M,D] sorted by expert
     if impl == "ragged":
-        h = jax.nn.silu(jax.lax.ragged_dot(xs, w_gate, group_sizes)) * jax.lax.ragged_dot(
-            xs, w_up, group_sizes
-        )
-        ys = jax.lax.ragged_dot(h, w_down, group_sizes)
+        plan = dispatch_plan(experts, E, 1)
+        rows = gather_rows(x, plan.src_row // k, plan.pos)
+        h = jax.nn.silu(jax.lax.ragged_dot(rows, w_gate, plan.group_sizes))
+        h = h * jax.lax.ragged_dot(rows, w_up, plan.group_sizes)
+        y = jax.lax.ragged_dot(h, w_down, plan.group_sizes)
     elif impl == "blocked":
-        ys = _blocked_swiglu(xs, group_sizes, w_gate, w_up, w_down, block)
+        # A block size near the mean group size keeps padding small for tiny batches.
+        bm = int(min(block, max(8, 1 << max(0, (N * k // E - 1)).bit_length())))
+        plan = dispatch_plan(experts, E, bm)
+        rows = gather_rows(x, plan.src_row // k, plan.pos)  # [R,D], pad rows zero
+        y = _blocked_swiglu(rows, plan.block_expert, w_gate, w_up, w_down, bm)
     else:
         raise ValueError(f"unknown grouped_ffn impl {impl!r}")
-    # Combine the k expert outputs of each token in fp32, cast once.
-    w_sorted = weights.reshape(-1)[order].astype(F32)
-    out = jnp.zeros((N, D), F32).at[token].add(ys.astype(F32) * w_sorted[:, None])
-    return out.astype(x.dtype)
+    return combine_rows(y, weights.astype(F32), plan.pos, plan.src_row).astype(x.dtype)
 
 
-def _blocked_swiglu(xs, group_sizes, w_gate, w_up, w_down, block):
-    """SwiGLU over rows sorted by expert: pad groups to bm, batched matmul per block."""
-    M, D = xs.shape
-    E = w_gate.shape[0]
-    # A block size near the mean group size keeps padding small for tiny batches.
-    bm = int(min(block, max(8, 1 << max(0, (M // E - 1)).bit_length())))
-    R = -(-(M + E * (bm - 1)) // bm) * bm  # static bound on padded rows
-    nb = R // bm
+class DispatchPlan(NamedTuple):
+    """Where each routed row goes. M = N*k routed rows, R >= M rows sorted by expert, each
+    expert's group padded to a multiple of bm (bm = 1: no padding, R = M)."""
+
+    pos: jax.Array  # [N,k] int32: the row of R holding token n's j-th expert choice
+    src_row: jax.Array  # [R] int32: routed row n*k+j held by each row of R (M for padding)
+    group_sizes: jax.Array  # [E] int32: routed rows per expert (unpadded)
+    block_expert: jax.Array  # [R/bm] int32: the expert of each block of bm rows
+
+
+def dispatch_plan(experts, E: int, bm: int) -> DispatchPlan:
+    N, k = experts.shape
+    M = N * k
+    R = M if bm == 1 else -(-(M + E * (bm - 1)) // bm) * bm  # static bound on padded rows
+    flat = experts.reshape(-1)
+    order = jnp.argsort(flat, stable=True).astype(jnp.int32)  # sorted position -> routed row
+    group_sizes = jnp.bincount(flat, length=E).astype(jnp.int32)
     padded = -(-group_sizes // bm) * bm
     group_start = jnp.cumsum(group_sizes) - group_sizes
-    padded_start = jnp.cumsum(padded) - padded
-    expert_of_row = jnp.repeat(jnp.arange(E), group_sizes, total_repeat_length=M)
-    dest = padded_start[expert_of_row] + jnp.arange(M) - group_start[expert_of_row]  # [M]
-    buf = jnp.zeros((R, D), xs.dtype).at[dest].set(xs).reshape(nb, bm, D)
-    # Blocks past the last group get expert E-1 and only zero rows; their output is never read.
+    padded_end = jnp.cumsum(padded)
+    sorted_expert = flat[order]
+    dest = (padded_end - padded)[sorted_expert] + jnp.arange(M) - group_start[sorted_expert]
+    dest = dest.astype(jnp.int32)
+    pos = jnp.zeros((M,), jnp.int32).at[order].set(dest).reshape(N, k)
+    src_row = jnp.full((R,), M, jnp.int32).at[dest].set(order)
     block_expert = jnp.minimum(
-        jnp.searchsorted(jnp.cumsum(padded), jnp.arange(nb) * bm, side="right"), E - 1
-    )
-    g = jnp.einsum("nbd,ndf->nbf", buf, w_gate[block_expert])
-    u = jnp.einsum("nbd,ndf->nbf", buf, w_up[block_expert])
+        jnp.searchsorted(padded_end, jnp.arange(R // bm) * bm, side="right"), E - 1
+    ).astype(jnp.int32)
+    return DispatchPlan(pos, src_row, group_sizes, block_expert)
+
+
+# Dispatch and combine are permutations (plus zero padding), so each one's transpose is again a
+# gather. Custom VJPs say so; autodiff would emit scatter-adds, which XLA:CPU runs serially.
+
+
+@jax.custom_vjp
+def gather_rows(x, src_token, pos):
+    """x [N,D] -> rows [R,D]: row r = x[src_token[r]], zero where src_token[r] == N."""
+    return jnp.concatenate([x, jnp.zeros((1, x.shape[1]), x.dtype)])[src_token]
+
+
+def _gather_rows_fwd(x, src_token, pos):
+    return gather_rows(x, src_token, pos), (pos, x.shape[0])
+
+
+def _gather_rows_bwd(res, d_rows):
+    pos, _ = res
+    dx = jnp.sum(d_rows[pos], axis=1)  # [N,k,D] -> [N,D]: each token's k copies
+    return dx, None, None
+
+
+gather_rows.defvjp(_gather_rows_fwd, _gather_rows_bwd)
+
+
+@jax.custom_vjp
+def combine_rows(y, weights, pos, src_row):
+    """y [R,D], weights fp32 [N,k] -> fp32 [N,D]: sum_j weights[n,j] * y[pos[n,j]]."""
+    return jnp.einsum("nkd,nk->nd", y[pos].astype(F32), weights)
+
+
+def _combine_rows_fwd(y, weights, pos, src_row):
+    return combine_rows(y, weights, pos, src_row), (y, weights, pos, src_row)
+
+
+def _combine_rows_bwd(res, d_out):
+    y, weights, pos, src_row = res
+    N, k = weights.shape
+    w_row = jnp.concatenate([weights.reshape(-1), jnp.zeros((1,), F32)])[src_row]  # [R]
+    d_ext = jnp.concatenate([d_out, jnp.zeros((1, d_out.shape[1]), F32)])
+    token = jnp.where(src_row < N * k, src_row // k, N)
+    dy = (d_ext[token] * w_row[:, None]).astype(y.dtype)
+    dw = jnp.einsum("nkd,nd->nk", y[pos].astype(F32), d_out)
+    return dy, dw, None, None
+
+
+combine_rows.defvjp(_combine_rows_fwd, _combine_rows_bwd)
+
+
+def _blocked_swiglu(rows, block_expert, w_gate, w_up, w_down, bm):
+    """SwiGLU on rows sorted by expert in blocks of bm: one batched matmul per weight."""
+    R, D = rows.shape
+    xb = rows.reshape(R // bm, bm, D)
+    g = jnp.einsum("nbd,ndf->nbf", xb, w_gate[block_expert])
+    u = jnp.einsum("nbd,ndf->nbf", xb, w_up[block_expert])
     y = jnp.einsum("nbf,nfd->nbd", jax.nn.silu(g) * u, w_down[block_expert])
-    return y.reshape(R, -1)[dest]
+    return y.reshape(R, D)
 
 
 def dense_moe_reference(x, weights, experts, w_gate, w_up, w_down):
