@@ -28,6 +28,7 @@ PRESET_DIR = Path(__file__).resolve().parent.parent / "configs" / "models"
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn")
 ATTENTION_TYPES = ("full_attention",)
 DTYPES = ("float32", "bfloat16", "float16")
+REMAT_MODES = ("full", "outputs", "dots", "none")  # see REMAT_POLICIES in model/transformer.py
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -103,7 +104,7 @@ class ModelConfig:
     # Runtime, not architecture: compute dtype and parameter dtype.
     dtype: str = "float32"
     param_dtype: str = "float32"
-    remat: str = "full"  # layer rematerialisation: full | dots | none (see model/transformer.py)
+    remat: str = "full"  # layer rematerialisation, one of REMAT_MODES
     attn_block: int = 128  # query/key block of blockwise attention (fastest fwd+bwd on CPU)
     # JSON of HF config keys we carry but do not use (token ids, stored dtype, ...).
     hf_extra: str = "{}"
@@ -116,8 +117,8 @@ class ModelConfig:
             raise ConfigError(
                 f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
             )
-        if self.remat not in ("full", "dots", "none"):
-            raise ConfigError(f"remat {self.remat!r} is not one of full, dots, none")
+        if self.remat not in REMAT_MODES:
+            raise ConfigError(f"remat {self.remat!r} is not one of {REMAT_MODES}")
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in DTYPES:
                 raise ConfigError(f"{name} {getattr(self, name)!r} is not one of {DTYPES}")

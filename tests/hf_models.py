@@ -95,6 +95,8 @@ def train_briefly(model, steps: int = 80, T: int = 64, seed: int = 0):
     a real checkpoint (random models have near-tied logits whose top-1 any rounding flips)."""
     V = model.config.vocab_size
     gen = torch.Generator().manual_seed(seed)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # deterministic reductions: the same trained model on every run
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     model.train()
     for _ in range(steps):
@@ -105,4 +107,5 @@ def train_briefly(model, steps: int = 80, T: int = 64, seed: int = 0):
         opt.zero_grad()
         loss.backward()
         opt.step()
+    torch.set_num_threads(threads)
     return model.eval()

@@ -41,7 +41,7 @@ def test_bf16_logits_close_to_transformers_fp32(tmp_path, family):
     hf = hf_models.train_briefly(hf_models.build(family, over))
     model = qwenjax.from_pretrained(hf_models.save(hf, tmp_path / "hf"), dtype="bfloat16")
     V = hf.config.vocab_size
-    ids, mask = hf_models.batch(V, 4, 70, seed=1, left_pad=5)
+    ids, mask = hf_models.batch(V, 8, 70, seed=1, left_pad=5)
     ids[:, 35:] = (ids[:, 35:36] + 2 * np.arange(35)) % V  # second half follows the learned rule
     real = mask.astype(bool)
     ref = hf_models.hf_logits(hf, ids, mask)[real]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from qwenjax.config import ModelConfig
 from qwenjax.model.layers import apply_rope, make_param, rms_norm
@@ -52,6 +53,7 @@ class Attention(nnx.Module):
             q, k, v, q_pos=positions, kv_pos=positions, q_seg=segment_ids, kv_seg=segment_ids,
             causal=True, block_q=cfg.attn_block, block_kv=cfg.attn_block,
         )
+        o = checkpoint_name(o, "attn_out")
         out = jnp.einsum("bthk,hkd->btd", o, self.o_kernel[...].astype(x.dtype))
         if cfg.o_bias:
             out = out + self.o_bias[...].astype(x.dtype)

@@ -31,6 +31,8 @@ REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # Keep each layer's attention and expert outputs (O(T*D) per layer), recompute the rest.
+    "outputs": jax.checkpoint_policies.save_only_these_names("attn_out", "moe_rows"),
 }
 
 

@@ -20,6 +20,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 F32 = jnp.float32
 
@@ -56,13 +57,13 @@ def grouped_ffn(x, weights, experts, w_gate, w_up, w_down, *, impl: str = "auto"
         rows = gather_rows(x, plan.src_row // k, plan.pos)
         h = jax.nn.silu(jax.lax.ragged_dot(rows, w_gate, plan.group_sizes))
         h = h * jax.lax.ragged_dot(rows, w_up, plan.group_sizes)
-        y = jax.lax.ragged_dot(h, w_down, plan.group_sizes)
+        y = checkpoint_name(jax.lax.ragged_dot(h, w_down, plan.group_sizes), "moe_rows")
     elif impl == "blocked":
         # A block size near the mean group size keeps padding small for tiny batches.
         bm = int(min(block, max(8, 1 << max(0, (N * k // E - 1)).bit_length())))
         plan = dispatch_plan(experts, E, bm)
         rows = gather_rows(x, plan.src_row // k, plan.pos)  # [R,D], pad rows zero
-        y = _blocked_swiglu(rows, plan.block_expert, w_gate, w_up, w_down, bm)
+        y = checkpoint_name(_blocked_swiglu(rows, plan.block_expert, w_gate, w_up, w_down, bm), "moe_rows")
     else:
         raise ValueError(f"unknown grouped_ffn impl {impl!r}")
     return combine_rows(y, weights.astype(F32), plan.pos, plan.src_row).astype(x.dtype)
