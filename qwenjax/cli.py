@@ -1,5 +1,6 @@
 """The `qwenjax` command.
 
+    qwenjax train EXPERIMENT.yaml [--set key=value ...] [--run-dir DIR]
     qwenjax import-hf HF_DIR CKPT_DIR     HF checkpoint -> Orbax parameter checkpoint
     qwenjax export-hf CKPT_DIR HF_DIR     Orbax parameter checkpoint -> HF directory
 
@@ -9,8 +10,10 @@ Bad input (a QwenJaxError) prints one line `qwenjax: error: ...` and exits with 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
+from pathlib import Path
 
 
 def _mesh_arg(text: str | None):
@@ -26,6 +29,16 @@ def _mesh_arg(text: str | None):
             raise MeshError(f"--mesh {text!r}: expected AXIS=N[,AXIS=N...], e.g. fsdp=2,expert=4")
         shape[name.strip()] = int(size)
     return make_mesh(shape)
+
+
+def cmd_train(args) -> None:
+    from qwenjax.experiment import load_experiment
+    from qwenjax.train.loop import train
+
+    exp = load_experiment(args.experiment, args.set or [])
+    run_dir = args.run_dir or f"runs/{Path(args.experiment).stem}"
+    summary = train(exp, run_dir)
+    print(json.dumps(summary))
 
 
 def cmd_import_hf(args) -> None:
@@ -58,6 +71,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qwenjax", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
+    p = sub.add_parser("train", help="run (or resume) an experiment")
+    p.add_argument("experiment", help="experiment YAML, e.g. experiments/main.yaml")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. steps=50")
+    p.add_argument("--run-dir", help="where config, metrics, checkpoints go (default runs/NAME)")
+    p.add_argument("--distributed", action="store_true",
+                   help="call jax.distributed.initialize() (multi-host; reads the usual env vars)")
+    p.set_defaults(func=cmd_train)
+
     p = sub.add_parser("import-hf", help="Hugging Face directory -> Orbax parameter checkpoint")
     p.add_argument("hf_dir")
     p.add_argument("ckpt_dir")
@@ -81,6 +102,10 @@ def main(argv: list[str] | None = None) -> int:
     from qwenjax.errors import QwenJaxError
 
     try:
+        if getattr(args, "distributed", False):
+            import jax
+
+            jax.distributed.initialize()
         args.func(args)
     except QwenJaxError as e:
         print(f"qwenjax: error: {e}", file=sys.stderr)

@@ -13,6 +13,8 @@ threading sharding types through every einsum; our constraints pin the layouts t
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from collections.abc import Mapping, Sequence
 
@@ -127,3 +129,30 @@ def named_sharding(
     mesh: Mesh, axes: Sequence[str | None], shape: Sequence[int], rules: Mapping | None = None
 ) -> NamedSharding:
     return NamedSharding(mesh, fit_spec(logical_to_spec(axes, rules, mesh), shape, mesh))
+
+
+# ---- activation constraints ---------------------------------------------------------------------
+# Model code calls `constrain(x, ("batch", "length", "act_embed"))` at block boundaries. Under
+# `with activate(mesh, rules):` it pins that layout; with no mesh active it is the identity, so
+# the same model code runs on one device.
+
+_RULES: contextvars.ContextVar[dict] = contextvars.ContextVar("qwenjax_rules", default=DEFAULT_RULES)
+
+
+@contextlib.contextmanager
+def activate(mesh: Mesh, rules: Mapping | None = None):
+    """Make `mesh` (and an axis table) current for jit tracing and `constrain`."""
+    token = _RULES.set(check_rules(rules or {}))
+    try:
+        with jax.set_mesh(mesh):
+            yield mesh
+    finally:
+        _RULES.reset(token)
+
+
+def constrain(x, axes: Sequence[str | None]):
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty:
+        return x
+    spec = fit_spec(logical_to_spec(axes, _RULES.get(), mesh), x.shape, mesh)
+    return jax.lax.with_sharding_constraint(x, spec)

@@ -34,8 +34,8 @@ from qwenjax.hf.names import TensorMap, tensor_table, uses_fused_experts
 from qwenjax.hf.safetensors_io import (
     PlannedTensor, TensorInfo, index_checkpoint, plan_shards, read_tensor, write_shard,
 )
+from qwenjax.model.partition import abstract_model, variable_sharding
 from qwenjax.model.transformer import CausalLM
-from qwenjax.sharding import named_sharding
 
 NP_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16),
              "float16": np.dtype(np.float16)}
@@ -75,13 +75,6 @@ def check_tensors(table: list[TensorMap], infos: dict[str, TensorInfo], cfg: Mod
     if problems:
         raise ConversionError("; ".join(problems))
     return ignored
-
-
-def param_sharding(mesh: Mesh | None, var: nnx.Variable, rules=None):
-    shape = var.get_value().shape
-    if mesh is None:
-        return jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    return named_sharding(mesh, var.get_metadata("axes"), shape, rules)
 
 
 def _slice_sharding(sharding, n_index: int):
@@ -127,9 +120,9 @@ def from_pretrained(
     table = tensor_table(cfg, fused_experts=uses_fused_experts(infos))
     check_tensors(table, infos, cfg)
 
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: CausalLM(cfg, rngs=nnx.Rngs(0))))
+    graphdef, state = abstract_model(cfg)
     variables = dict(nnx.to_flat_state(state))
-    shardings = {p: param_sharding(mesh, v, rules) for p, v in variables.items()}
+    shardings = {p: variable_sharding(v, mesh, rules) for p, v in variables.items()}
     # Stacked parameters are filled slice by slice into zeros; whole ones are placed directly.
     stacked = {t.param for entry in table for t in entry.targets if t.index}
     buffers = {

@@ -22,8 +22,10 @@ from qwenjax.config import ModelConfig
 from qwenjax.model.attention import Attention
 from qwenjax.model.layers import RMSNorm, make_param, rope_tables
 from qwenjax.model.mlp import MLP, MoE, empty_router_stats
+from qwenjax.sharding import constrain
 
 Kind = tuple[str, str]  # (attention type, mlp type)
+ACT_BTD = ("batch", "length", "act_embed")  # hidden states between layers
 
 # What a layer keeps for the backward pass. "full": nothing (recompute the layer); "dots":
 # matmul outputs without batch dims; "none": everything (no recomputation).
@@ -151,6 +153,7 @@ class LayerStack(nnx.Module):
             cos, sin = rope_tables(cfg, positions, h.dtype)
             inputs = LayerInputs(cos, sin, positions, segment_ids, tokens.valid)
             h, stats = nnx.merge(graphdef, block_params)(h, inputs)
+            h = constrain(h, ACT_BTD)
             return (h, jax.tree.map(jnp.add, acc, stats)), None
 
         policy = REMAT_POLICIES[self.remat]
@@ -194,7 +197,7 @@ class CausalLM(nnx.Module):
             valid = valid & (attention_mask > 0)
             segment_ids = jnp.where(valid, segment_ids, 0)  # padding only sees padding
         tokens = TokenInputs(positions.astype(jnp.int32), segment_ids.astype(jnp.int32), valid)
-        x = self.embed[...][input_ids].astype(dtype)
+        x = constrain(self.embed[...][input_ids].astype(dtype), ACT_BTD)
         total = empty_router_stats(cfg.num_experts)
         for stack in self.stacks:
             x, stats = stack(x, tokens)

@@ -20,8 +20,8 @@ from jax.sharding import Mesh
 from qwenjax.atomic import atomic_dir
 from qwenjax.config import ModelConfig
 from qwenjax.errors import CheckpointError, ConfigError
+from qwenjax.model.partition import abstract_model, variable_sharding
 from qwenjax.model.transformer import CausalLM
-from qwenjax.sharding import named_sharding
 
 CONFIG_FILE = "model_config.json"
 
@@ -56,14 +56,11 @@ def load_params(
     cfg = read_model_config(ckpt_dir)
     if dtype:
         cfg = cfg.replace(dtype=dtype)
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: CausalLM(cfg, rngs=nnx.Rngs(0))))
+    graphdef, state = abstract_model(cfg)
 
     def abstract(var: nnx.Variable):
         value = var.get_value()
-        if mesh is None:
-            sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        else:
-            sharding = named_sharding(mesh, var.get_metadata("axes"), value.shape, rules)
+        sharding = variable_sharding(var, mesh, rules)
         return jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=sharding)
 
     flat = nnx.to_flat_state(state)
@@ -78,3 +75,82 @@ def load_params(
         raise CheckpointError(f"{path}: cannot restore parameters ({type(e).__name__}: {e})") from None
     nnx.replace_by_pure_dict(state, restored)
     return nnx.merge(graphdef, state)
+
+
+# ---- training-run checkpoints -------------------------------------------------------------------
+
+
+class RunCheckpointer:
+    """Orbax CheckpointManager for a training run: the TrainState (params, optimizer, counters)
+    and the data iterator's JSON state, saved together per step, asynchronously.
+
+    Orbax writes each step to a temporary directory and renames it when complete, so a save
+    interrupted by a kill never appears as a step. A step that is complete but damaged (e.g. a
+    truncated file) fails to restore; `restore_latest` then falls back to the next older step and
+    says so.
+    """
+
+    def __init__(self, directory: str | os.PathLike, *, keep: int, async_save: bool):
+        self.directory = Path(directory).resolve()
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, enable_async_checkpointing=async_save, create=True,
+        )
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def save(self, step: int, state, data_state: dict, *, force: bool = False) -> None:
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(_to_pure(state)), data=ocp.args.JsonSave(data_state)
+        )
+        self.manager.save(step, args=args, force=force)
+
+    def restore_latest(self, abstract_state, log=print):
+        """(step, state, data_state) of the newest step that restores, or None if there is none."""
+        target = _to_pure(abstract_state)
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                restored = self.manager.restore(
+                    step, args=ocp.args.Composite(
+                        state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()
+                    ),
+                )
+            except Exception as e:  # noqa: BLE001 - any failure means "this step is unusable"
+                log(f"warning: checkpoint step {step} cannot be restored "
+                    f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); trying an older one")
+                continue
+            return step, _from_pure(abstract_state, restored["state"]), dict(restored["data"])
+        return None
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def _to_pure(tree):
+    """nnx.State containers -> plain dicts (what Orbax's tree handler expects)."""
+    if isinstance(tree, nnx.State):
+        return nnx.to_pure_dict(tree)
+    if isinstance(tree, tuple) and hasattr(tree, "_fields"):
+        return type(tree)(*(_to_pure(x) for x in tree))
+    if isinstance(tree, (tuple, list)):
+        return type(tree)(_to_pure(x) for x in tree)
+    if isinstance(tree, dict):
+        return {k: _to_pure(v) for k, v in tree.items()}
+    return tree
+
+
+def _from_pure(template, pure):
+    """Put restored plain dicts back into the nnx.State containers of `template`."""
+    if isinstance(template, nnx.State):
+        state = jax.tree.map(lambda x: x, template)
+        nnx.replace_by_pure_dict(state, pure)
+        return state
+    if isinstance(template, tuple) and hasattr(template, "_fields"):
+        return type(template)(*(_from_pure(t, p) for t, p in zip(template, pure)))
+    if isinstance(template, (tuple, list)):
+        return type(template)(_from_pure(t, p) for t, p in zip(template, pure))
+    if isinstance(template, dict):
+        return {k: _from_pure(template[k], pure[k]) for k in template}
+    return pure

@@ -50,8 +50,9 @@ def chunked_cross_entropy(hidden, head, targets, mask, chunk: int = 2048):
 
 
 def loss_fn(model: CausalLM, batch: Batch, *, aux_weight: float = 0.0, z_weight: float = 0.0,
-            ce_chunk: int = 2048):
-    """(total loss, metrics). The cross-entropy is the mean over counted tokens."""
+            ce_chunk: int = 2048, token_norm=None):
+    """(total loss, metrics). The cross-entropy is the mean over counted tokens, or the sum
+    divided by `token_norm` (the whole batch's count, so micro-batches add up exactly)."""
     h, stats = model.hidden_states(
         batch.input_ids, positions=batch.positions, segment_ids=batch.segment_ids
     )
@@ -60,7 +61,7 @@ def loss_fn(model: CausalLM, batch: Batch, *, aux_weight: float = 0.0, z_weight:
         h.reshape(B * T, D), model.head_kernel(), batch.targets.reshape(-1),
         batch.loss_mask.reshape(-1), ce_chunk,
     )
-    ce = ce_sum / jnp.maximum(count, 1.0)
+    ce = ce_sum / jnp.maximum(count if token_norm is None else token_norm, 1.0)
     aux, z = router_losses(stats, model.config)
     total = ce + aux_weight * aux + z_weight * z
     counts = stats[0]

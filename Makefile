@@ -1,0 +1,28 @@
+# Two entry points (README): `make main` and `make test`. Each sets up .venv first.
+PY := .venv/bin/python
+# 8 simulated CPU devices, so meshes like data=2 x expert=4 run on any machine.
+CPU8 := JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=8
+
+.PHONY: setup setup-test main test bench
+
+.venv/ok:
+	python3 -m venv .venv
+	.venv/bin/pip install -q --upgrade pip
+	.venv/bin/pip install -q -e .
+	touch .venv/ok
+
+.venv/ok-test: .venv/ok
+	.venv/bin/pip install -q -e '.[test]'
+	touch .venv/ok-test
+
+setup: .venv/ok
+setup-test: .venv/ok-test
+
+main: .venv/ok
+	$(CPU8) .venv/bin/qwenjax train experiments/main.yaml --run-dir runs/main
+
+test: .venv/ok-test
+	$(CPU8) $(PY) -m pytest tests
+
+bench: .venv/ok-test
+	$(PY) tools/bench_step.py

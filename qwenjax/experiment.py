@@ -1,0 +1,265 @@
+"""ExperimentConfig: everything a run needs besides the architecture, loaded from YAML.
+
+A file may name `base: other.yaml` (relative to itself) and override any key of it; command-line
+`--set section.key=value` overrides come last (values parsed as YAML, then type-checked). Every
+key is checked: an unknown one is an error naming the closest valid key. The resolved config is
+written into the run directory as `config.yaml`, and `load_experiment` reads it back unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from qwenjax.config import DTYPES, REMAT_MODES, ModelConfig, load_preset
+from qwenjax.errors import ConfigError
+
+
+@dataclass(frozen=True, kw_only=True)
+class MeshConfig:
+    data: int = 1
+    fsdp: int = 1
+    expert: int = 1
+    tensor: int = 1
+    context: int = 1
+    rules: dict[str, Any] = field(default_factory=dict)  # logical axis -> mesh axes overrides
+
+    def shape(self) -> dict[str, int]:
+        return {a: getattr(self, a) for a in ("data", "fsdp", "expert", "tensor", "context")}
+
+    @property
+    def batch_ways(self) -> int:
+        """How many ways the batch is split (the mesh axes the `batch` logical axis uses)."""
+        return self.data * self.fsdp * self.expert
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    source: str = "stdlib"  # stdlib (Python's own sources, offline everywhere) | text | jsonl
+    paths: list[str] = field(default_factory=list)  # globs for text / jsonl
+    text_field: str = "text"  # the JSONL field holding the text
+    max_docs: int = 0  # 0 = all documents
+    seq_len: int = 256
+
+    def __post_init__(self):
+        if self.source not in ("stdlib", "text", "jsonl"):
+            raise ConfigError(f"data.source {self.source!r} is not one of stdlib, text, jsonl")
+        if self.source != "stdlib" and not self.paths:
+            raise ConfigError(f"data.paths is required for data.source={self.source}")
+        if self.seq_len < 2:
+            raise ConfigError("data.seq_len must be >= 2")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TokenizerConfig:
+    kind: str = "bpe"  # bpe: train a byte-level BPE on the data | hf: a tokenizer.json path
+    vocab_size: int = 512  # for bpe
+    path: str = ""  # for hf
+    train_docs: int = 2000  # documents the BPE is trained on
+
+    def __post_init__(self):
+        if self.kind not in ("bpe", "hf"):
+            raise ConfigError(f"tokenizer.kind {self.kind!r} is not one of bpe, hf")
+        if self.kind == "hf" and not self.path:
+            raise ConfigError("tokenizer.path is required for tokenizer.kind=hf")
+
+
+@dataclass(frozen=True, kw_only=True)
+class OptimizerConfig:
+    lr: float = 3e-3
+    schedule: str = "cosine"  # cosine | linear | constant, each after a linear warmup
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1  # final lr / lr for cosine and linear
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    decay_all: bool = False  # False: spare norms, biases and embeddings from weight decay
+    clip_norm: float = 1.0  # global-norm clipping; 0 = off
+
+    def __post_init__(self):
+        if self.schedule not in ("cosine", "linear", "constant"):
+            raise ConfigError(f"optimizer.schedule {self.schedule!r} is not one of cosine, linear, constant")
+        if self.lr <= 0:
+            raise ConfigError("optimizer.lr must be > 0")
+
+
+@dataclass(frozen=True, kw_only=True)
+class CheckpointConfig:
+    every: int = 100  # steps between saves (and one at the end)
+    keep: int = 3
+    async_save: bool = True
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExperimentConfig:
+    model: Any = "qwen3-moe-tiny"  # a preset name, a YAML path, or an inline mapping
+    model_overrides: dict[str, Any] = field(default_factory=dict)  # e.g. {num_layers: 2}
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    steps: int = 300
+    batch_size: int = 16  # global batch (rows) per optimizer step
+    grad_accum: int = 1  # micro-batches per step: each is batch_size / grad_accum rows
+    seed: int = 0
+    dtype: str = "float32"  # compute dtype
+    param_dtype: str = "float32"
+    remat: str = "full"
+    aux_loss_weight: float = 0.001  # router load-balancing loss
+    z_loss_weight: float = 0.0  # router z-loss
+    max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
+    log_every: int = 10
+    eval_every: int = 0  # 0 = no eval; else held-out loss every N steps
+    eval_batches: int = 4
+    init_from: str = ""  # a parameter checkpoint from `qwenjax import-hf`
+    export_hf: bool = True  # write run_dir/hf (HF weights + tokenizer) at the end
+    sample_tokens: int = 48  # greedy sample printed at the end; 0 = none
+
+    def __post_init__(self):
+        for name in ("dtype", "param_dtype"):
+            if getattr(self, name) not in DTYPES:
+                raise ConfigError(f"{name} {getattr(self, name)!r} is not one of {DTYPES}")
+        if self.remat not in REMAT_MODES:
+            raise ConfigError(f"remat {self.remat!r} is not one of {REMAT_MODES}")
+        if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
+            raise ConfigError("steps, batch_size and grad_accum must be >= 1")
+        if self.batch_size % self.grad_accum:
+            raise ConfigError(
+                f"batch_size {self.batch_size} is not divisible by grad_accum {self.grad_accum}"
+            )
+        micro = self.batch_size // self.grad_accum
+        if micro % self.mesh.batch_ways:
+            raise ConfigError(
+                f"micro-batch {micro} (batch_size / grad_accum) is not divisible by the batch "
+                f"axes data*fsdp*expert = {self.mesh.batch_ways}"
+            )
+        if self.data.seq_len % self.mesh.context:
+            raise ConfigError(
+                f"data.seq_len {self.data.seq_len} is not divisible by mesh.context {self.mesh.context}"
+            )
+
+    def model_config(self) -> ModelConfig:
+        if isinstance(self.model, dict):
+            cfg = ModelConfig.from_dict(self.model, source="experiment model")
+        elif isinstance(self.model, str):
+            cfg = load_preset(self.model)
+        else:
+            raise ConfigError("model must be a preset name, a YAML path or a mapping")
+        if self.model_overrides:
+            cfg = ModelConfig.from_dict({**cfg.to_dict(), **self.model_overrides},
+                                        source="model_overrides")
+        return cfg.replace(dtype=self.dtype, param_dtype=self.param_dtype, remat=self.remat)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---- loading ----------------------------------------------------------------------------------
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"{path}: base files form a cycle")
+    if not path.exists():
+        raise ConfigError(f"experiment file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    base = data.pop("base", None)
+    if base:
+        data = _merge(_read_yaml(path.parent / base, seen + (path,)), data)
+    return data
+
+
+def _apply_override(data: dict, text: str) -> dict:
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {text!r}: expected key.sub=value")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        value = raw
+    node: dict[str, Any] = {}
+    cursor = node
+    parts = key.strip().split(".")
+    for p in parts[:-1]:
+        cursor[p] = cursor = {}
+    cursor[parts[-1]] = value
+    return _merge(data, node)
+
+
+def _hint(key: str, valid: list[str]) -> str:
+    near = difflib.get_close_matches(key, valid, n=1)
+    return f"; did you mean {near[0]!r}?" if near else ""
+
+
+def _build(cls: type, data: Any, where: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in fields:
+            raise ConfigError(f"unknown key {where + '.' if where else ''}{key}{_hint(key, list(fields))}")
+        want = hints[key]
+        name = f"{where}.{key}" if where else key
+        if dataclasses.is_dataclass(want):
+            kwargs[key] = _build(want, value, name)
+        else:
+            kwargs[key] = _check_type(value, want, name)
+    return cls(**kwargs)
+
+
+def _check_type(value: Any, want: Any, name: str) -> Any:
+    origin = typing.get_origin(want)
+    if want is Any:
+        return value
+    if want is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{name} must be a list, got {value!r}")
+        return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name} must be a mapping, got {value!r}")
+        return value
+    if isinstance(want, type):
+        ok = isinstance(value, want) and not (want is int and isinstance(value, bool))
+        if not ok:
+            raise ConfigError(f"{name} must be {want.__name__}, got {value!r}")
+    return value
+
+
+def load_experiment(path: str | Path | None, overrides: list[str] = ()) -> ExperimentConfig:
+    """Read an experiment YAML (with `base:` files), apply `--set` overrides, validate."""
+    data = _read_yaml(Path(path)) if path else {}
+    for text in overrides:
+        data = _apply_override(data, text)
+    exp = _build(ExperimentConfig, data, "")
+    exp.model_config()  # resolve now, so a bad model section fails before anything runs
+    return exp
+
+
+def dump_experiment(exp: ExperimentConfig) -> str:
+    return yaml.safe_dump(exp.to_dict(), sort_keys=False)

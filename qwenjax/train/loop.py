@@ -1,0 +1,185 @@
+"""The training run: `qwenjax train EXPERIMENT.yaml` end to end.
+
+Order of work: validate everything (config, mesh, batch/axes divisibility, run directory) before
+anything is written; then tokenizer, data, sharded parameters, optimizer; resume from the newest
+complete checkpoint if the run directory has one; the jitted step loop with metrics, periodic
+async checkpoints, a checkpoint on SIGTERM (preemption) and at the end; finally the Hugging Face
+export and a short greedy sample.
+
+Run directory: config.yaml (resolved experiment), tokenizer/, metrics.jsonl, tensorboard/,
+checkpoints/<step>/, hf/ (export).
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import yaml
+from absl import logging
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from qwenjax.errors import ConfigError, QwenJaxError
+from qwenjax.experiment import ExperimentConfig, dump_experiment
+from qwenjax.model.partition import init_sharded
+from qwenjax.sharding import activate, check_rules, logical_to_spec, make_mesh
+from qwenjax.train.checkpoint import RunCheckpointer, load_params, read_model_config
+from qwenjax.train.data_setup import build_dataset, build_tokenizer
+from qwenjax.train.loss import Batch
+from qwenjax.train.metrics import MetricsWriter, flops_per_token, measure_peak_flops
+from qwenjax.train.optimizer import learning_rate, make_optimizer
+from qwenjax.train.step import init_train_state, make_train_step
+
+
+class TrainingError(QwenJaxError):
+    """The run cannot go on (e.g. K non-finite steps in a row)."""
+
+
+def log(msg: str) -> None:
+    logging.info(msg)
+    print(msg, file=sys.stderr, flush=True)
+
+
+def prepare_run_dir(exp: ExperimentConfig, run_dir: Path) -> None:
+    """Write config.yaml, or check that an existing run directory holds this same experiment."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "config.yaml"
+    text = dump_experiment(exp)
+    if path.exists():
+        if yaml.safe_load(path.read_text()) != yaml.safe_load(text):
+            raise ConfigError(
+                f"{run_dir} holds a different experiment (its config.yaml differs); "
+                "resume it with its own config or pick a new --run-dir"
+            )
+        return
+    tmp = path.with_suffix(".yaml.tmp")
+    tmp.write_text(text)
+    tmp.rename(path)
+
+
+def _micro_batches(arrays: dict, grad_accum: int, sharding) -> Batch:
+    def put(x):
+        x = np.asarray(x)
+        x = x.reshape(grad_accum, x.shape[0] // grad_accum, *x.shape[1:])
+        return jax.make_array_from_process_local_data(sharding, x) if sharding else jax.device_put(x)
+
+    return Batch(**{k: put(arrays[k]) for k in Batch._fields})
+
+
+def train(exp: ExperimentConfig, run_dir: str | Path) -> dict:
+    """Run (or resume) an experiment. Returns a summary dict (final step, loss, paths)."""
+    run_dir = Path(run_dir)
+    cfg = exp.model_config()
+    mesh = make_mesh(exp.mesh.shape())
+    rules = check_rules(exp.mesh.rules)
+    if exp.init_from:
+        src = read_model_config(exp.init_from)
+        cfg = src.replace(dtype=cfg.dtype, param_dtype=cfg.param_dtype, remat=cfg.remat)
+    prepare_run_dir(exp, run_dir)
+
+    tokenizer = build_tokenizer(exp, run_dir)
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise ConfigError(
+            f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is {cfg.vocab_size}"
+        )
+    dataset = build_dataset(exp, tokenizer)
+
+    if exp.init_from:
+        model = load_params(exp.init_from, mesh=mesh, rules=rules, dtype=cfg.dtype)
+        graphdef, params = nnx.split(model)
+    else:
+        graphdef, params = init_sharded(cfg, mesh, rules, exp.seed)
+    tx = make_optimizer(exp.optimizer, exp.steps, params)
+    state = init_train_state(params, tx)
+    state_sharding = jax.tree.map(lambda x: x.sharding, state)
+    batch_axes = logical_to_spec(("batch",), rules, mesh)[0]
+    batch_sharding = NamedSharding(mesh, PartitionSpec(None, batch_axes, None))
+
+    ckpt = RunCheckpointer(run_dir / "checkpoints", keep=exp.checkpoint.keep,
+                           async_save=exp.checkpoint.async_save)
+    start = 0
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
+    )
+    restored = ckpt.restore_latest(abstract, log=log)
+    if restored is not None:
+        start, state, data_state = restored
+        dataset.set_state(data_state)
+        log(f"resumed from step {start} ({run_dir / 'checkpoints'})")
+
+    step_fn = make_train_step(
+        graphdef, tx, aux_weight=exp.aux_loss_weight, z_weight=exp.z_loss_weight,
+        state_sharding=state_sharding, batch_sharding=batch_sharding,
+    )
+    schedule = learning_rate(exp.optimizer, exp.steps)
+    flops_tok = flops_per_token(cfg, exp.data.seq_len)
+    peak = measure_peak_flops() * jax.device_count()
+    writer = MetricsWriter(run_dir, exp.steps)
+
+    stop = {"signal": None}
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
+    summary = {"run_dir": str(run_dir), "start_step": start}
+    try:
+        activation = activate(mesh, exp.mesh.rules)
+        activation.__enter__()
+        t_last, step = time.perf_counter(), start
+        for step in range(start + 1, exp.steps + 1):
+            arrays = dataset.next_batch(exp.batch_size)
+            state, metrics = step_fn(state, _micro_batches(arrays, exp.grad_accum, batch_sharding))
+            bad = int(state.bad_steps)
+            if bad >= exp.max_bad_steps:
+                raise TrainingError(
+                    f"{bad} non-finite steps in a row at step {step}; stopping. The newest "
+                    f"checkpoint in {run_dir / 'checkpoints'} is the last good state."
+                )
+            if step % exp.log_every == 0 or step == exp.steps:
+                now = time.perf_counter()
+                tokens = exp.batch_size * exp.data.seq_len * (step - max(start, step - exp.log_every))
+                tps = tokens / (now - t_last)
+                t_last = now
+                metrics = jax.device_get(metrics)
+                metrics.update(lr=float(schedule(step - 1)), tokens_per_s=tps,
+                               mfu=tps * flops_tok / peak, skipped=int(state.skipped))
+                writer.write(step, metrics, steps_done_this_run=step - start)
+                summary["loss"] = float(metrics["loss"])
+            if step % exp.checkpoint.every == 0 or step == exp.steps:
+                ckpt.save(step, state, dataset.get_state())
+            if stop["signal"] is not None:
+                ckpt.save(step, state, dataset.get_state(), force=True)
+                ckpt.wait()
+                log(f"received signal {stop['signal']}: saved step {step}, exiting")
+                summary["preempted_at"] = step
+                return summary
+        summary["final_step"] = step
+    finally:
+        activation.__exit__(None, None, None)
+        signal.signal(signal.SIGTERM, previous)
+        ckpt.close()
+        writer.close()
+
+    model = nnx.merge(graphdef, state.params)
+    if exp.export_hf:
+        from qwenjax.hf.convert import save_pretrained
+
+        out = save_pretrained(model, run_dir / "hf", dtype=exp.param_dtype)
+        tokenizer.save(out)
+        summary["hf_dir"] = str(out)
+        log(f"exported Hugging Face checkpoint to {out}")
+    if exp.sample_tokens:
+        summary["sample"] = sample_text(model, tokenizer, exp.sample_tokens)
+        log(f"sample: {summary['sample']!r}")
+    return summary
+
+
+def sample_text(model, tokenizer, n: int, prompt: str = "def ") -> str:
+    from qwenjax.infer.generate import generate
+
+    ids = tokenizer.encode(prompt)
+    new = generate(model, [ids], max_new_tokens=n, temperature=0.0, stop_tokens=[tokenizer.eos_id])
+    return prompt + tokenizer.decode(new[0])
+

@@ -1,0 +1,81 @@
+"""Run metrics: `metrics.jsonl` (one JSON object per logged step), TensorBoard event files and a
+one-line console progress report with throughput, MFU and ETA."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qwenjax.config import ModelConfig
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token: 6 x (active matmul parameters) + causal attention scores."""
+    D, L = cfg.hidden_size, cfg.num_layers
+    attn = D * (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim + cfg.num_heads * cfg.head_dim * D
+    mlp = 0
+    for kind in cfg.mlp_types:
+        if kind == "moe":
+            mlp += cfg.num_experts_per_tok * 3 * D * cfg.moe_intermediate_size + D * cfg.num_experts
+            mlp += 3 * D * cfg.shared_expert_intermediate_size
+        else:
+            mlp += 3 * D * cfg.intermediate_size
+    matmul_params = L * attn + mlp + D * cfg.vocab_size
+    attention_scores = L * cfg.num_heads * cfg.head_dim * seq_len  # QK^T and PV, causal half
+    return 6.0 * matmul_params + 6.0 * attention_scores
+
+
+def measure_peak_flops(n: int = 1024, seconds: float = 0.3) -> float:
+    """fp32 matmul FLOP/s of this machine's first device (a quick, rough ceiling for MFU)."""
+    a = jnp.ones((n, n), jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    jax.block_until_ready(f(a))
+    count, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        jax.block_until_ready(f(a))
+        count += 1
+    return 2.0 * n**3 * count / (time.perf_counter() - t0)
+
+
+class MetricsWriter:
+    def __init__(self, run_dir: Path, total_steps: int, *, tensorboard: bool = True):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.total = total_steps
+        self.t_start = time.perf_counter()
+        self.tb = None
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+
+    def write(self, step: int, metrics: dict[str, Any], *, steps_done_this_run: int) -> None:
+        row = {"step": step}
+        for k, v in metrics.items():
+            v = np.asarray(v)
+            row[k] = v.item() if v.size == 1 else v.tolist()
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.tb is not None:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, step)
+            self.tb.flush()
+        elapsed = time.perf_counter() - self.t_start
+        eta = elapsed / max(steps_done_this_run, 1) * (self.total - step)
+        print(
+            f"step {step}/{self.total} loss {row['loss']:.4f} gnorm {row['grad_norm']:.3f} "
+            f"lr {row['lr']:.2e} tok/s {row.get('tokens_per_s', 0):.0f} "
+            f"mfu {100 * row.get('mfu', 0):.1f}% eta {eta:.0f}s",
+            file=sys.stderr, flush=True,
+        )
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
