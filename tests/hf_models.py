@@ -60,7 +60,7 @@ def build(family: str, overrides: dict, seed: int = 0, **extra):
         "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
         "qwen3_moe": (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM),
     }[family]
-    kw = dict(BASE, **overrides, **extra)
+    kw = {**BASE, **overrides, **extra}
     if kw.get("rope_parameters", {}).get("rope_type") == "yarn":
         kw["max_position_embeddings"] = 128  # = factor * original, the consistent YaRN setting
     torch.manual_seed(seed)

@@ -81,8 +81,7 @@ def _slice_sharding(sharding, n_index: int):
     """Sharding of `array[i0, ..., i_{n-1}]` given the array's sharding."""
     if not isinstance(sharding, NamedSharding):
         return sharding
-    spec = tuple(sharding.spec) + (None,) * 8
-    return NamedSharding(sharding.mesh, PartitionSpec(*spec[n_index: n_index + 8]))
+    return NamedSharding(sharding.mesh, PartitionSpec(*tuple(sharding.spec)[n_index:]))
 
 
 @lru_cache(maxsize=None)

@@ -87,7 +87,8 @@ def train(exp: ExperimentConfig, run_dir: str | Path) -> dict:
         raise ConfigError(
             f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is {cfg.vocab_size}"
         )
-    dataset = build_dataset(exp, tokenizer)
+    dataset = iter(build_dataset(exp, tokenizer))  # the iterator holds the resumable position
+    baseline = unigram_entropy(iter(build_dataset(exp, tokenizer)), exp, tokenizer.vocab_size)
 
     if exp.init_from:
         model = load_params(exp.init_from, mesh=mesh, rules=rules, dtype=cfg.dtype)
@@ -96,6 +97,11 @@ def train(exp: ExperimentConfig, run_dir: str | Path) -> dict:
         graphdef, params = init_sharded(cfg, mesh, rules, exp.seed)
     tx = make_optimizer(exp.optimizer, exp.steps, params)
     state = init_train_state(params, tx)
+    # Counters and optimizer scalars are created on one device; replicate them over the mesh.
+    replicated = NamedSharding(mesh, PartitionSpec())
+    state = jax.tree.map(
+        lambda x: x if isinstance(x.sharding, NamedSharding) else jax.device_put(x, replicated), state
+    )
     state_sharding = jax.tree.map(lambda x: x.sharding, state)
     batch_axes = logical_to_spec(("batch",), rules, mesh)[0]
     batch_sharding = NamedSharding(mesh, PartitionSpec(None, batch_axes, None))
@@ -123,44 +129,43 @@ def train(exp: ExperimentConfig, run_dir: str | Path) -> dict:
 
     stop = {"signal": None}
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
-    summary = {"run_dir": str(run_dir), "start_step": start}
-    try:
-        activation = activate(mesh, exp.mesh.rules)
-        activation.__enter__()
-        t_last, step = time.perf_counter(), start
-        for step in range(start + 1, exp.steps + 1):
-            arrays = dataset.next_batch(exp.batch_size)
-            state, metrics = step_fn(state, _micro_batches(arrays, exp.grad_accum, batch_sharding))
-            bad = int(state.bad_steps)
-            if bad >= exp.max_bad_steps:
-                raise TrainingError(
-                    f"{bad} non-finite steps in a row at step {step}; stopping. The newest "
-                    f"checkpoint in {run_dir / 'checkpoints'} is the last good state."
-                )
-            if step % exp.log_every == 0 or step == exp.steps:
-                now = time.perf_counter()
-                tokens = exp.batch_size * exp.data.seq_len * (step - max(start, step - exp.log_every))
-                tps = tokens / (now - t_last)
-                t_last = now
-                metrics = jax.device_get(metrics)
-                metrics.update(lr=float(schedule(step - 1)), tokens_per_s=tps,
-                               mfu=tps * flops_tok / peak, skipped=int(state.skipped))
-                writer.write(step, metrics, steps_done_this_run=step - start)
-                summary["loss"] = float(metrics["loss"])
-            if step % exp.checkpoint.every == 0 or step == exp.steps:
-                ckpt.save(step, state, dataset.get_state())
-            if stop["signal"] is not None:
-                ckpt.save(step, state, dataset.get_state(), force=True)
-                ckpt.wait()
-                log(f"received signal {stop['signal']}: saved step {step}, exiting")
-                summary["preempted_at"] = step
-                return summary
-        summary["final_step"] = step
-    finally:
-        activation.__exit__(None, None, None)
-        signal.signal(signal.SIGTERM, previous)
-        ckpt.close()
-        writer.close()
+    summary = {"run_dir": str(run_dir), "start_step": start, "unigram_baseline": baseline}
+    log(f"unigram entropy of the training stream: {baseline:.3f} nats/token")
+    with activate(mesh, exp.mesh.rules):
+        try:
+            t_last, step = time.perf_counter(), start
+            for step in range(start + 1, exp.steps + 1):
+                arrays = dataset.next_batch(exp.batch_size)
+                state, metrics = step_fn(state, _micro_batches(arrays, exp.grad_accum, batch_sharding))
+                bad = int(state.bad_steps)
+                if bad >= exp.max_bad_steps:
+                    raise TrainingError(
+                        f"{bad} non-finite steps in a row at step {step}; stopping. The newest "
+                        f"checkpoint in {run_dir / 'checkpoints'} is the last good state."
+                    )
+                if step % exp.log_every == 0 or step == exp.steps:
+                    now = time.perf_counter()
+                    tokens = exp.batch_size * exp.data.seq_len * (step - max(start, step - exp.log_every))
+                    tps = tokens / (now - t_last)
+                    t_last = now
+                    metrics = jax.device_get(metrics)
+                    metrics.update(lr=float(schedule(step - 1)), tokens_per_s=tps,
+                                   mfu=tps * flops_tok / peak, skipped=int(state.skipped))
+                    writer.write(step, metrics, steps_done_this_run=step - start)
+                    summary["loss"] = float(metrics["loss"])
+                if step % exp.checkpoint.every == 0 or step == exp.steps:
+                    ckpt.save(step, state, dataset.get_state())
+                if stop["signal"] is not None:
+                    ckpt.save(step, state, dataset.get_state(), force=True)
+                    ckpt.wait()
+                    log(f"received signal {stop['signal']}: saved step {step}, exiting")
+                    summary["preempted_at"] = step
+                    return summary
+            summary["final_step"] = step
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+            ckpt.close()
+            writer.close()
 
     model = nnx.merge(graphdef, state.params)
     if exp.export_hf:
@@ -174,6 +179,17 @@ def train(exp: ExperimentConfig, run_dir: str | Path) -> dict:
         summary["sample"] = sample_text(model, tokenizer, exp.sample_tokens)
         log(f"sample: {summary['sample']!r}")
     return summary
+
+
+def unigram_entropy(iterator, exp: ExperimentConfig, vocab_size: int, rows: int = 2048) -> float:
+    """Entropy (nats/token) of the token distribution over the first `rows` training rows: the
+    loss of the best model that ignores context, the bar a trained LM must clear."""
+    counts = np.zeros(vocab_size, np.int64)
+    for _ in range(max(1, rows // exp.batch_size)):
+        counts += np.bincount(iterator.next_batch(exp.batch_size)["targets"].ravel(),
+                              minlength=vocab_size)[:vocab_size]
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
 
 
 def sample_text(model, tokenizer, n: int, prompt: str = "def ") -> str:
