@@ -26,7 +26,7 @@ from qwenjax.errors import ConfigError
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs" / "models"
 
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn")
-ATTENTION_TYPES = ("full_attention",)
+ATTENTION_TYPES = ("full_attention", "linear_attention")
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_MODES = ("full", "outputs", "dots", "none")  # see REMAT_POLICIES in model/transformer.py
 
@@ -45,8 +45,11 @@ class RopeConfig:
     mscale: float | None = None
     mscale_all_dim: float | None = None
     truncate: bool = True
+    partial_rotary_factor: float = 1.0  # rotate only the first fraction of each head's dims
 
     def __post_init__(self):
+        if not 0 < self.partial_rotary_factor <= 1:
+            raise ConfigError(f"partial_rotary_factor must be in (0, 1], got {self.partial_rotary_factor}")
         if self.rope_type not in ROPE_TYPES:
             raise ConfigError(f"rope_type {self.rope_type!r} is not supported; use one of {ROPE_TYPES}")
         if self.rope_type != "default" and self.factor <= 0:
@@ -56,6 +59,8 @@ class RopeConfig:
 
     def to_hf(self) -> dict[str, Any]:
         out: dict[str, Any] = {"rope_theta": self.rope_theta, "rope_type": self.rope_type}
+        if self.partial_rotary_factor != 1.0:
+            out["partial_rotary_factor"] = self.partial_rotary_factor
         if self.rope_type == "default":
             return out
         out["factor"] = self.factor
@@ -101,6 +106,15 @@ class ModelConfig:
     decoder_sparse_step: int = 1  # layer i is MoE iff (i+1) % step == 0 and i not in mlp_only_layers
     mlp_only_layers: tuple[int, ...] = ()
     router_aux_loss_coef: float = 0.001
+    # Hybrid (Qwen3-Next / Qwen3.5): per-layer attention kind, Gated DeltaNet sizes, gated attention.
+    layer_types: tuple[str, ...] = ()  # "full_attention" | "linear_attention"; () = all full
+    linear_num_key_heads: int = 0
+    linear_num_value_heads: int = 0
+    linear_key_head_dim: int = 0
+    linear_value_head_dim: int = 0
+    linear_conv_kernel_dim: int = 4
+    attention_output_gate: bool = False  # q_proj also yields a per-head sigmoid gate on the output
+    norm_zero_centered: bool = False  # RMSNorm scales by (1 + w), computed in fp32
     # Runtime, not architecture: compute dtype and parameter dtype.
     dtype: str = "float32"
     param_dtype: str = "float32"
@@ -135,6 +149,21 @@ class ModelConfig:
         bad = [i for i in self.mlp_only_layers if not 0 <= i < self.num_layers]
         if bad:
             raise ConfigError(f"mlp_only_layers {bad} are outside 0..{self.num_layers - 1}")
+        if self.layer_types:
+            if len(self.layer_types) != self.num_layers:
+                raise ConfigError(
+                    f"layer_types has {len(self.layer_types)} entries for {self.num_layers} layers"
+                )
+            bad_types = sorted(set(self.layer_types) - set(ATTENTION_TYPES))
+            if bad_types:
+                raise ConfigError(f"layer_types {bad_types} are not among {ATTENTION_TYPES}")
+        if "linear_attention" in self.attention_types:
+            sizes = (self.linear_num_key_heads, self.linear_num_value_heads,
+                     self.linear_key_head_dim, self.linear_value_head_dim)
+            if min(sizes) <= 0:
+                raise ConfigError("linear attention layers need linear_* head counts and dims > 0")
+            if self.linear_num_value_heads % self.linear_num_key_heads:
+                raise ConfigError("linear_num_value_heads must be a multiple of linear_num_key_heads")
         if "dense" in self.mlp_types and self.intermediate_size <= 0:
             raise ConfigError("intermediate_size must be > 0 when some layer has a dense MLP")
 
@@ -157,9 +186,17 @@ class ModelConfig:
         )
 
     @property
+    def attention_types(self) -> tuple[str, ...]:
+        return self.layer_types or ("full_attention",) * self.num_layers
+
+    @property
     def layer_kinds(self) -> tuple[tuple[str, str], ...]:
         """Per layer: (attention type, mlp type). Layers of one kind share a parameter structure."""
-        return tuple(("full_attention", m) for m in self.mlp_types)
+        return tuple(zip(self.attention_types, self.mlp_types))
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.rope.partial_rotary_factor)
 
     @property
     def extra(self) -> dict[str, Any]:
@@ -179,8 +216,9 @@ class ModelConfig:
                 raise ConfigError(f"{source}: 'rope' must be a mapping")
             _check_keys(rope, RopeConfig, f"{source}: rope")
             d["rope"] = RopeConfig(**rope)
-        if "mlp_only_layers" in d:
-            d["mlp_only_layers"] = tuple(d["mlp_only_layers"])
+        for key in ("mlp_only_layers", "layer_types"):
+            if key in d:
+                d[key] = tuple(d[key])
         if isinstance(d.get("hf_extra"), dict):
             d["hf_extra"] = json.dumps(d["hf_extra"], sort_keys=True)
         _check_types(d, cls, source)
@@ -189,6 +227,7 @@ class ModelConfig:
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["mlp_only_layers"] = list(self.mlp_only_layers)
+        out["layer_types"] = list(self.layer_types)
         return out
 
     # ---- Hugging Face ----
@@ -252,7 +291,18 @@ _FAMILIES: dict[str, dict[str, Any]] = {
         "qkv_bias": "attention_bias", "o_bias": "attention_bias", "qk_norm": True,
         "moe": "num_local_experts",  # the key transformers 5 writes for this family
     },
+    # Hybrids: Gated DeltaNet + gated full attention, zero-centred norms, partial rotary.
+    "qwen3_next": {"qkv_bias": "attention_bias", "o_bias": "attention_bias", "qk_norm": True,
+                   "moe": "num_experts", "hybrid": True},
+    "qwen3_5_text": {"qkv_bias": "attention_bias", "o_bias": "attention_bias", "qk_norm": True,
+                     "moe": False, "hybrid": True},
+    "qwen3_5_moe_text": {"qkv_bias": "attention_bias", "o_bias": "attention_bias", "qk_norm": True,
+                         "moe": "num_experts", "hybrid": True,
+                         "sparse_step": False,  # no decoder_sparse_step: every layer is MoE
+                         "norm_topk_prob": True},  # its router always renormalises the top k
 }
+_LINEAR_KEYS = ("linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim",
+                "linear_value_head_dim", "linear_conv_kernel_dim")
 _BIAS_DEFAULT = {"qkv_bias": True, "attention_bias": False}
 
 # HF keys fully described by ModelConfig fields (or recomputed on export); not carried in hf_extra.
@@ -264,7 +314,7 @@ _CONSUMED = {
     "moe_intermediate_size", "shared_expert_intermediate_size", "norm_topk_prob",
     "decoder_sparse_step", "mlp_only_layers", "router_aux_loss_coef", "architectures",
     "transformers_version", "layer_types", "hidden_act", "use_sliding_window", "sliding_window",
-    "max_window_layers",
+    "max_window_layers", "full_attention_interval", *_LINEAR_KEYS,
 }
 
 
@@ -287,6 +337,12 @@ def _hf_rope(hf: dict[str, Any]) -> RopeConfig:
 
 def _from_hf(hf: dict[str, Any]) -> ModelConfig:
     model_type = hf.get("model_type")
+    if isinstance(hf.get("text_config"), dict) and model_type in ("qwen3_5", "qwen3_5_moe"):
+        raise ConfigError(
+            f"config.json: {model_type} with a nested text_config (the multimodal Hub layout, "
+            "weights under model.language_model.) is not supported yet; export the text model "
+            "with transformers' Qwen3_5ForCausalLM / Qwen3_5MoeForCausalLM first"
+        )
     if model_type not in _FAMILIES:
         raise ConfigError(
             f"config.json: model_type {model_type!r} is not supported; use one of {sorted(_FAMILIES)}"
@@ -308,7 +364,9 @@ def _from_hf(hf: dict[str, Any]) -> ModelConfig:
     heads = hf["num_attention_heads"]
     num_experts = hf.get("num_experts", hf.get("num_local_experts", 0)) if fam["moe"] else 0
     extra = {k: v for k, v in hf.items() if k not in _CONSUMED}
+    hybrid = _hybrid_fields(hf, hf["num_hidden_layers"]) if fam.get("hybrid") else {}
     return ModelConfig(
+        **hybrid,
         model_type=model_type,
         vocab_size=hf["vocab_size"],
         hidden_size=hf["hidden_size"],
@@ -328,7 +386,7 @@ def _from_hf(hf: dict[str, Any]) -> ModelConfig:
         num_experts_per_tok=hf.get("num_experts_per_tok", 0) if num_experts else 0,
         moe_intermediate_size=hf.get("moe_intermediate_size", 0) if num_experts else 0,
         shared_expert_intermediate_size=hf.get("shared_expert_intermediate_size", 0) or 0,
-        norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
+        norm_topk_prob=bool(fam.get("norm_topk_prob", hf.get("norm_topk_prob", False))),
         decoder_sparse_step=hf.get("decoder_sparse_step", 1) or 1,
         mlp_only_layers=tuple(hf.get("mlp_only_layers") or ()),
         router_aux_loss_coef=hf.get("router_aux_loss_coef", 0.001),
@@ -336,11 +394,24 @@ def _from_hf(hf: dict[str, Any]) -> ModelConfig:
     )
 
 
+def _hybrid_fields(hf: dict[str, Any], num_layers: int) -> dict[str, Any]:
+    types = hf.get("layer_types")
+    if not types:  # older configs: every `full_attention_interval`-th layer is full attention
+        interval = hf.get("full_attention_interval", 4)
+        types = ["full_attention" if (i + 1) % interval == 0 else "linear_attention"
+                 for i in range(num_layers)]
+    out = {k: hf[k] for k in _LINEAR_KEYS if k in hf}
+    return dict(out, layer_types=tuple(types), attention_output_gate=True, norm_zero_centered=True)
+
+
 _ARCHITECTURES = {
     "qwen2": "Qwen2ForCausalLM",
     "qwen2_moe": "Qwen2MoeForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
     "qwen3_moe": "Qwen3MoeForCausalLM",
+    "qwen3_next": "Qwen3NextForCausalLM",
+    "qwen3_5_text": "Qwen3_5ForCausalLM",
+    "qwen3_5_moe_text": "Qwen3_5MoeForCausalLM",
 }
 
 
@@ -363,8 +434,10 @@ def _to_hf(cfg: ModelConfig) -> dict[str, Any]:
         rope_parameters=cfg.rope.to_hf(),
         hidden_act="silu",
         use_sliding_window=False,
-        layer_types=["full_attention"] * cfg.num_layers,
+        layer_types=list(cfg.attention_types),
     )
+    if fam.get("hybrid"):
+        out.update({k: getattr(cfg, k) for k in _LINEAR_KEYS})
     for name in ("qkv_bias", "o_bias"):
         spec = fam[name]
         if isinstance(spec, str):
@@ -374,11 +447,13 @@ def _to_hf(cfg: ModelConfig) -> dict[str, Any]:
         out.update(
             num_experts_per_tok=cfg.num_experts_per_tok,
             moe_intermediate_size=cfg.moe_intermediate_size,
-            norm_topk_prob=cfg.norm_topk_prob,
-            decoder_sparse_step=cfg.decoder_sparse_step,
-            mlp_only_layers=list(cfg.mlp_only_layers),
             router_aux_loss_coef=cfg.router_aux_loss_coef,
         )
+        if "norm_topk_prob" not in fam:
+            out["norm_topk_prob"] = cfg.norm_topk_prob
+        if fam.get("sparse_step", True):
+            out.update(decoder_sparse_step=cfg.decoder_sparse_step,
+                       mlp_only_layers=list(cfg.mlp_only_layers))
         if cfg.shared_expert_intermediate_size:
             out["shared_expert_intermediate_size"] = cfg.shared_expert_intermediate_size
     return out

@@ -48,6 +48,9 @@ DEFAULT_RULES: dict[str, str | tuple[str, ...] | None] = {
     "expert_mlp": "tensor",
     "norm": None,
     "router_experts": None,
+    "linear_k_heads": "tensor",  # Gated DeltaNet key heads
+    "linear_v_heads": "tensor",  # Gated DeltaNet value heads
+    "conv": None,  # causal conv taps
 }
 
 

@@ -11,10 +11,12 @@ waits for another or needs padding (one may be a little further into the epochs 
 
 Why lanes: one stream's consecutive rows come mostly from one document (a standard-library module
 is ~6K tokens, ~50 rows of 128), so a batch of B consecutive rows holds one or two documents and
-its gradient is that of one or two documents, strongly correlated from step to step. On the main
-experiment (16 x 128 tokens a batch, qwen3-moe-tiny) that held the loss at ~5.0 nats after 150
-steps, against ~4.2 with 16 lanes. With lanes a batch holds B different documents, and each
-document's rows still arrive in order over the steps, so positions run on across rows as below.
+its gradient is that of one or two documents, strongly correlated from step to step. With lanes
+a batch holds B different documents, and each document's rows still arrive in order over the
+steps, so positions run on across rows as below. Measured on experiments/main.yaml's data
+(qwen3-moe-tiny, 16 x 128 tokens a batch, 150 steps, one device; unigram entropy 5.30 nats):
+loss on fixed held-out batches 5.16 with consecutive rows, 4.54 with 16 lanes. (A lane stays in
+one document for many steps, so the training loss reads lower than held-out: 4.01 here.)
 
 Rows. Row r of a lane is the window `lane_stream[r*L : r*L + L + 1]` (L = seq_len): its first L
 tokens are the inputs and its last L the targets. Consecutive rows overlap by that one extra

@@ -73,12 +73,18 @@ def _simple(hf_name, param, index, layout) -> TensorMap:
 # ---- the table ----------------------------------------------------------------------------
 
 
-def _attention_entries(cfg: ModelConfig) -> list[tuple[str, str, tuple]]:
-    D, H, K, Dh = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    rows = [
+def _norm_entries(cfg: ModelConfig) -> list[tuple[str, str, tuple]]:
+    D = cfg.hidden_size
+    return [
         ("input_layernorm.weight", "input_norm.weight", _identity((D,))),
         ("post_attention_layernorm.weight", "post_attn_norm.weight", _identity((D,))),
-        ("self_attn.q_proj.weight", "attn.q_kernel", _linear_out_heads(H, Dh, D)),
+    ]
+
+
+def _attention_entries(cfg: ModelConfig) -> list[tuple[str, str, tuple]]:
+    """Full attention rows; q_proj is listed separately (it may carry the output gate)."""
+    D, H, K, Dh = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    rows = [
         ("self_attn.k_proj.weight", "attn.k_kernel", _linear_out_heads(K, Dh, D)),
         ("self_attn.v_proj.weight", "attn.v_kernel", _linear_out_heads(K, Dh, D)),
         ("self_attn.o_proj.weight", "attn.o_kernel", _linear_in_heads(H, Dh, D)),
@@ -117,11 +123,16 @@ def tensor_table(cfg: ModelConfig, *, fused_experts: bool = False) -> list[Tenso
     D, V = cfg.hidden_size, cfg.vocab_size
     table = [_simple("model.embed_tokens.weight", ("embed",), (), _identity((V, D)))]
     plan = stack_plan(cfg.layer_kinds)
-    for i, (_, mlp_type) in enumerate(cfg.layer_kinds):
+    for i, (attn_type, mlp_type) in enumerate(cfg.layer_kinds):
         s, r, j = layer_location(plan, i)
         base = ("stacks", s, "block", "layers", j)
         hf = f"model.layers.{i}."
-        rows = _attention_entries(cfg)
+        rows = _norm_entries(cfg)
+        if attn_type == "full_attention":
+            rows += _attention_entries(cfg)
+            table.append(_q_proj_entry(cfg, hf, base, r))
+        else:
+            table += _linear_attention_entries(cfg, hf, base, r)
         if mlp_type == "dense":
             rows += _dense_mlp_entries(cfg, "mlp", "mlp", cfg.intermediate_size)
         else:
@@ -139,6 +150,93 @@ def tensor_table(cfg: ModelConfig, *, fused_experts: bool = False) -> list[Tenso
     if not cfg.tie_word_embeddings:
         table.append(_simple("lm_head.weight", ("lm_head",), (), _linear((V, D))))
     return table
+
+
+def _q_proj_entry(cfg: ModelConfig, hf: str, base: Path, r: int) -> TensorMap:
+    D, H, Dh = cfg.hidden_size, cfg.num_heads, cfg.head_dim
+    q = base + ("attn", "q_kernel")
+    if not cfg.attention_output_gate:
+        return _simple(hf + "self_attn.q_proj.weight", q, (r,), _linear_out_heads(H, Dh, D))
+    # [H*2*Dh, D]: per head, Dh query rows then Dh gate rows.
+    return TensorMap(
+        hf + "self_attn.q_proj.weight", (H * 2 * Dh, D),
+        (Target(q, (r,), lambda a: a.T.reshape(D, H, 2, Dh)[:, :, 0]),
+         Target(base + ("attn", "gate_kernel"), (r,), lambda a: a.T.reshape(D, H, 2, Dh)[:, :, 1])),
+        lambda qk, gk: np.stack([qk, gk], axis=2).reshape(D, H * 2 * Dh).T,
+    )
+
+
+# Families whose Gated DeltaNet input projections are fused and grouped by key head.
+GROUPED_GDN_PROJECTIONS = {"qwen3_next"}
+
+
+def _linear_attention_entries(cfg: ModelConfig, hf: str, base: Path, r: int) -> list[TensorMap]:
+    D, Hk, Hv = cfg.hidden_size, cfg.linear_num_key_heads, cfg.linear_num_value_heads
+    Dk, Dv, K = cfg.linear_key_head_dim, cfg.linear_value_head_dim, cfg.linear_conv_kernel_dim
+    rep = Hv // Hk
+    p = hf + "linear_attn."
+    ours = lambda name: base + ("attn", name)  # noqa: E731
+    t = lambda name, fn: Target(ours(name), (r,), fn)  # noqa: E731
+    qk, vd = Hk * Dk, Hv * Dv
+    out = [
+        _simple(p + "A_log", ours("A_log"), (r,), _identity((Hv,))),
+        _simple(p + "dt_bias", ours("dt_bias"), (r,), _identity((Hv,))),
+        _simple(p + "norm.weight", ours("norm"), (r,), _identity((Dv,))),
+        _simple(p + "out_proj.weight", ours("out_kernel"), (r,), _linear_in_heads(Hv, Dv, D)),
+        # conv1d.weight [C, 1, K], channels q | k | v -> three [K, heads, dim] parameters.
+        TensorMap(
+            p + "conv1d.weight", (2 * qk + vd, 1, K),
+            (t("q_conv", lambda a: a[:qk, 0].T.reshape(K, Hk, Dk)),
+             t("k_conv", lambda a: a[qk:2 * qk, 0].T.reshape(K, Hk, Dk)),
+             t("v_conv", lambda a: a[2 * qk:, 0].T.reshape(K, Hv, Dv))),
+            lambda q, k, v: np.concatenate(
+                [q.reshape(K, qk), k.reshape(K, qk), v.reshape(K, vd)], axis=1).T[:, None, :],
+        ),
+    ]
+    if cfg.model_type in GROUPED_GDN_PROJECTIONS:
+        # in_proj_qkvz [Hk * (2Dk + 2*rep*Dv), D]: per key head g: q, k, then its rep value heads'
+        # v and z. in_proj_ba [Hk * 2rep, D]: per key head: rep b's then rep a's.
+        w = 2 * Dk + 2 * rep * Dv
+        cuts = np.cumsum([Dk, Dk, rep * Dv])
+
+        def part(i, heads, dim):
+            def f(a):
+                g = np.split(a.T.reshape(D, Hk, w), cuts, axis=2)[i]
+                return g.reshape(D, heads, dim)
+            return f
+
+        def join_qkvz(q, k, v, z):
+            v, z = v.reshape(D, Hk, rep * Dv), z.reshape(D, Hk, rep * Dv)
+            return np.concatenate([q, k, v, z], axis=2).reshape(D, Hk * w).T
+
+        out.append(TensorMap(
+            p + "in_proj_qkvz.weight", (Hk * w, D),
+            (t("q_kernel", part(0, Hk, Dk)), t("k_kernel", part(1, Hk, Dk)),
+             t("v_kernel", part(2, Hv, Dv)), t("z_kernel", part(3, Hv, Dv))),
+            join_qkvz,
+        ))
+        out.append(TensorMap(
+            p + "in_proj_ba.weight", (Hk * 2 * rep, D),
+            (t("b_kernel", lambda a: a.T.reshape(D, Hk, 2, rep)[:, :, 0].reshape(D, Hv)),
+             t("a_kernel", lambda a: a.T.reshape(D, Hk, 2, rep)[:, :, 1].reshape(D, Hv))),
+            lambda b, a: np.stack([b.reshape(D, Hk, rep), a.reshape(D, Hk, rep)], axis=2)
+            .reshape(D, Hk * 2 * rep).T,
+        ))
+    else:
+        out += [
+            TensorMap(
+                p + "in_proj_qkv.weight", (2 * qk + vd, D),
+                (t("q_kernel", lambda a: a[:qk].T.reshape(D, Hk, Dk)),
+                 t("k_kernel", lambda a: a[qk:2 * qk].T.reshape(D, Hk, Dk)),
+                 t("v_kernel", lambda a: a[2 * qk:].T.reshape(D, Hv, Dv))),
+                lambda q, k, v: np.concatenate(
+                    [q.reshape(D, qk), k.reshape(D, qk), v.reshape(D, vd)], axis=1).T,
+            ),
+            _simple(p + "in_proj_z.weight", ours("z_kernel"), (r,), _linear_out_heads(Hv, Dv, D)),
+            _simple(p + "in_proj_b.weight", ours("b_kernel"), (r,), _linear((Hv, D))),
+            _simple(p + "in_proj_a.weight", ours("a_kernel"), (r,), _linear((Hv, D))),
+        ]
+    return out
 
 
 def _expert_entries(cfg: ModelConfig, hf: str, base: Path, r: int, fused: bool) -> list[TensorMap]:

@@ -1,11 +1,13 @@
 """Grouped-query self-attention: q/k/v projections (optional bias), per-head q/k RMSNorm,
-RoPE, blockwise attention, output projection.
+RoPE (possibly partial), blockwise attention, optional per-head sigmoid output gate (Qwen3-Next,
+Qwen3.5), output projection.
 
 Dimension letters: B batch, T length, D model, H query heads, K kv heads, Dh head dim.
 """
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
@@ -30,8 +32,11 @@ class Attention(nnx.Module):
         if cfg.o_bias:
             self.o_bias = make_param(rngs, (D,), ("norm",), pd, "zeros")
         if cfg.qk_norm:
-            self.q_norm = make_param(rngs, (Dh,), ("norm",), pd, "ones")
-            self.k_norm = make_param(rngs, (Dh,), ("norm",), pd, "ones")
+            norm_init = "zeros" if cfg.norm_zero_centered else "ones"
+            self.q_norm = make_param(rngs, (Dh,), ("norm",), pd, norm_init)
+            self.k_norm = make_param(rngs, (Dh,), ("norm",), pd, norm_init)
+        if cfg.attention_output_gate:
+            self.gate_kernel = make_param(rngs, (D, H, Dh), ("embed", "heads", "head_dim"), pd)
 
     def _project(self, x, kernel, bias_name):
         y = jnp.einsum("btd,dhk->bthk", x, kernel[...].astype(x.dtype))
@@ -46,13 +51,16 @@ class Attention(nnx.Module):
         k = self._project(x, self.k_kernel, "k_bias")  # [B,T,K,Dh]
         v = self._project(x, self.v_kernel, "v_bias")
         if cfg.qk_norm:
-            q = rms_norm(q, self.q_norm[...], cfg.rms_norm_eps)
-            k = rms_norm(k, self.k_norm[...], cfg.rms_norm_eps)
+            q = rms_norm(q, self.q_norm[...], cfg.rms_norm_eps, cfg.norm_zero_centered)
+            k = rms_norm(k, self.k_norm[...], cfg.rms_norm_eps, cfg.norm_zero_centered)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         o = attention(
             q, k, v, q_pos=positions, kv_pos=positions, q_seg=segment_ids, kv_seg=segment_ids,
             causal=True, block_q=cfg.attn_block, block_kv=cfg.attn_block,
         )
+        if cfg.attention_output_gate:
+            gate = jnp.einsum("btd,dhk->bthk", x, self.gate_kernel[...].astype(x.dtype))
+            o = o * jax.nn.sigmoid(gate)
         o = checkpoint_name(o, "attn_out")
         out = jnp.einsum("bthk,hkd->btd", o, self.o_kernel[...].astype(x.dtype))
         if cfg.o_bias:

@@ -38,20 +38,26 @@ def make_param(
     return nnx.Param(value, axes=axes)
 
 
-def rms_norm(x, weight, eps: float):
-    """HF RMSNorm: normalise in fp32, cast back, then scale."""
+def rms_norm(x, weight, eps: float, zero_centered: bool = False):
+    """HF RMSNorm. Standard: normalise in fp32, cast back, scale by w. Zero-centred (Qwen3-Next,
+    Qwen3.5): scale by (1 + w) in fp32, then cast — the order transformers uses for each."""
     xf = x.astype(F32)
     xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    if zero_centered:
+        return (xf * (1.0 + weight.astype(F32))).astype(x.dtype)
     return weight.astype(x.dtype) * xf.astype(x.dtype)
 
 
 class RMSNorm(nnx.Module):
-    def __init__(self, dim: int, eps: float, axes: tuple[str, ...], dtype: str, rngs: nnx.Rngs):
-        self.weight = make_param(rngs, (dim,), axes, dtype, init="ones")
+    def __init__(self, dim: int, eps: float, axes: tuple[str, ...], dtype: str, rngs: nnx.Rngs,
+                 zero_centered: bool = False):
+        # A zero-centred norm's identity is w = 0.
+        self.weight = make_param(rngs, (dim,), axes, dtype, init="zeros" if zero_centered else "ones")
         self.eps = eps
+        self.zero_centered = zero_centered
 
     def __call__(self, x):
-        return rms_norm(x, self.weight[...], self.eps)
+        return rms_norm(x, self.weight[...], self.eps, self.zero_centered)
 
 
 # ---- rotary embeddings ------------------------------------------------------------------------
@@ -88,8 +94,8 @@ def inv_frequencies(rope: RopeConfig, dim: int) -> tuple[np.ndarray, float]:
 
 
 def rope_tables(cfg: ModelConfig, positions, dtype) -> tuple[jax.Array, jax.Array]:
-    """cos, sin [B, T, Dh] for integer positions [B, T], in the compute dtype."""
-    dim = cfg.head_dim
+    """cos, sin [B, T, R] for integer positions [B, T], in the compute dtype (R = rotary dims)."""
+    dim = cfg.rotary_dim
     inv, scale = inv_frequencies(cfg.rope, dim)
     inv = jnp.asarray(inv)
     if cfg.rope.rope_type == "dynamic":
@@ -105,8 +111,11 @@ def rope_tables(cfg: ModelConfig, positions, dtype) -> tuple[jax.Array, jax.Arra
 
 
 def apply_rope(x, cos, sin):
-    """x [B,T,H,Dh] rotated by cos/sin [B,T,Dh] (rotate-half convention)."""
-    half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    return x * cos[:, :, None] + rotated * sin[:, :, None]
+    """x [B,T,H,Dh]: its first R dims rotated by cos/sin [B,T,R] (rotate-half), the rest kept."""
+    R = cos.shape[-1]
+    rot, rest = x[..., :R], x[..., R:]
+    half = R // 2
+    rotated = jnp.concatenate([-rot[..., half:], rot[..., :half]], axis=-1)
+    out = rot * cos[:, :, None] + rotated * sin[:, :, None]
+    return out if R == x.shape[-1] else jnp.concatenate([out, rest], axis=-1)
 

@@ -20,6 +20,7 @@ from flax import nnx
 
 from qwenjax.config import ModelConfig
 from qwenjax.model.attention import Attention
+from qwenjax.model.gated_deltanet import GatedDeltaNet
 from qwenjax.model.layers import RMSNorm, make_param, rope_tables
 from qwenjax.model.mlp import MLP, MoE, empty_router_stats
 from qwenjax.sharding import constrain
@@ -87,18 +88,21 @@ class LayerInputs(NamedTuple):
 
 class DecoderLayer(nnx.Module):
     def __init__(self, cfg: ModelConfig, kind: Kind, *, rngs: nnx.Rngs):
-        D, eps, pd = cfg.hidden_size, cfg.rms_norm_eps, cfg.param_dtype
-        self.input_norm = RMSNorm(D, eps, ("norm",), pd, rngs)
-        self.attn = Attention(cfg, rngs=rngs)
-        self.post_attn_norm = RMSNorm(D, eps, ("norm",), pd, rngs)
+        D, eps, pd, zc = cfg.hidden_size, cfg.rms_norm_eps, cfg.param_dtype, cfg.norm_zero_centered
+        self.input_norm = RMSNorm(D, eps, ("norm",), pd, rngs, zc)
+        self.is_linear = kind[0] == "linear_attention"
+        self.attn = GatedDeltaNet(cfg, rngs=rngs) if self.is_linear else Attention(cfg, rngs=rngs)
+        self.post_attn_norm = RMSNorm(D, eps, ("norm",), pd, rngs, zc)
         self.is_moe = kind[1] == "moe"
         self.num_experts = cfg.num_experts
         self.mlp = MoE(cfg, rngs=rngs) if self.is_moe else MLP(cfg, cfg.intermediate_size, rngs=rngs)
 
     def __call__(self, x, inputs: LayerInputs):
-        x = x + self.attn(
-            self.input_norm(x), inputs.cos, inputs.sin, inputs.positions, inputs.segment_ids
-        )
+        h = self.input_norm(x)
+        if self.is_linear:
+            x = x + self.attn(h, inputs.segment_ids, inputs.valid)
+        else:
+            x = x + self.attn(h, inputs.cos, inputs.sin, inputs.positions, inputs.segment_ids)
         h = self.post_attn_norm(x)
         if self.is_moe:
             y, stats = self.mlp(h, inputs.valid)
@@ -174,7 +178,7 @@ class CausalLM(nnx.Module):
         self.stacks = nnx.List(
             [LayerStack(cfg, spec, rngs=rngs) for spec in stack_plan(cfg.layer_kinds)]
         )
-        self.final_norm = RMSNorm(D, cfg.rms_norm_eps, ("norm",), pd, rngs)
+        self.final_norm = RMSNorm(D, cfg.rms_norm_eps, ("norm",), pd, rngs, cfg.norm_zero_centered)
         if not cfg.tie_word_embeddings:
             self.lm_head = make_param(rngs, (D, V), ("embed", "vocab"), pd)
 

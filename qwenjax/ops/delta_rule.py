@@ -1,0 +1,206 @@
+"""The gated delta rule of Gated DeltaNet layers (Qwen3-Next, Qwen3.5): a token-by-token reference,
+the chunked (WY / UT-transform) algorithm, and a one-token decoding step.
+
+Dimension letters: B batch, T length, H value heads (= state heads), Hk query/key heads
+(H % Hk == 0; each q/k head serves H / Hk consecutive value heads), Dk key dim, Dv value dim,
+C chunk length, N = ceil(T / C) chunks. Public tensors are token-major like the rest of qwenjax:
+q, k [B,T,Hk,Dk], v [B,T,H,Dv], g, beta [B,T,H]; the state is [B,H,Dk,Dv] fp32.
+
+The equations are those of `transformers`' `torch_recurrent_gated_delta_rule` and
+`torch_chunk_gated_delta_rule` (models/qwen3_next): q and k are optionally l2-normalised in fp32
+(x * rsqrt(sum x^2 + 1e-6)), q is then scaled by Dk^-0.5, and per token, with g a log-decay (<= 0),
+
+    S <- exp(g_t) S;  S <- S + k_t (beta_t (v_t - S^T k_t))^T;  o_t = S^T q_t.
+
+Everything inside runs in fp32 (gates, cumulative decays, the UT solve, the state); the output is
+cast to v's dtype. Matmul precision follows `jax_default_matmul_precision` (set "highest" on TPU
+for fp32 parity; CPU is exact fp32 either way).
+
+Chunked form, per chunk with cumulative log-decay c_i = sum_{j<=i} g_j and Gamma_ij = exp(c_i - c_j)
+for j <= i: solve (I + strict_lower(diag(beta) K K^T * Gamma)) [U | W] = [diag(beta) V |
+diag(beta exp(c)) K] once for all chunks (vectorised), then scan over chunks carrying S:
+V' = U - W S, O = diag(exp(c)) Q S + (Q K^T * Gamma) V', S <- exp(c_C) S + (diag(exp(c_C - c)) K)^T V'.
+Decays only ever appear as exp of a difference of in-chunk cumulative sums that is <= 0, so
+nothing overflows and no large-negative-number masks are needed.
+
+Packed documents: `segment_ids` [B,T]; token t starts a new document iff t > 0 and its id differs
+from token t-1's. The state is reset to zero before every document start, exactly as if each
+document were run on its own (`initial_state` is the state before token 0, so it only reaches the
+first document). The chunked form does this exactly with masks: in-chunk interactions are kept
+only within one document, only tokens of the document that was open when the chunk began read
+the carried state, and the state handed on is that of the chunk's last document.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+F32 = jnp.float32
+L2NORM_EPS = 1e-6  # as in transformers' l2norm (matches FLA)
+
+
+def l2norm(x, eps: float = L2NORM_EPS):
+    """x * rsqrt(sum(x^2) + eps) over the last axis, as `transformers`' l2norm."""
+    return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + eps)
+
+
+def _qk(q, k, H: int, use_qk_l2norm: bool, head_axis: int):
+    """fp32, optionally l2-normalised q, k with q scaled by Dk^-0.5, heads repeated Hk -> H."""
+    q, k = q.astype(F32), k.astype(F32)
+    if use_qk_l2norm:
+        q, k = l2norm(q), l2norm(k)
+    q = q * q.shape[-1] ** -0.5
+    Hk = k.shape[head_axis]
+    if H % Hk:
+        raise ValueError(f"value heads ({H}) must be a multiple of query/key heads ({Hk})")
+    if Hk != H:  # repeat_interleave, as transformers does for grouped value heads
+        q, k = (jnp.repeat(x, H // Hk, axis=head_axis) for x in (q, k))
+    return q, k
+
+
+def _initial_state(initial_state, B, H, Dk, Dv):
+    if initial_state is None:
+        return jnp.zeros((B, H, Dk, Dv), F32)
+    if initial_state.shape != (B, H, Dk, Dv):
+        raise ValueError(f"initial_state has shape {initial_state.shape}, expected {(B, H, Dk, Dv)}")
+    return initial_state.astype(F32)
+
+
+def document_starts(segment_ids):
+    """[B,T] int -> bool [B,T]: True where a new document starts (never at t = 0)."""
+    change = segment_ids[:, 1:] != segment_ids[:, :-1]
+    return jnp.concatenate([jnp.zeros_like(change[:, :1]), change], axis=1)
+
+
+# ---- recurrent reference and decoding step ----------------------------------------------------
+
+
+def _update(S, q, k, v, g, beta):
+    """One token, fp32, q/k prepared. S [B,H,Dk,Dv]; q, k [B,H,Dk]; v [B,H,Dv]; g, beta [B,H]."""
+    S = S * jnp.exp(g)[..., None, None]
+    kv_mem = jnp.einsum("bhkv,bhk->bhv", S, k)
+    delta = (v - kv_mem) * beta[..., None]
+    S = S + k[..., :, None] * delta[..., None, :]
+    return S, jnp.einsum("bhkv,bhk->bhv", S, q)
+
+
+def delta_rule_recurrent(
+    q, k, v, g, beta, *, initial_state=None, use_qk_l2norm: bool = True, segment_ids=None
+):
+    """Token-by-token reference (`lax.scan` over T). q, k [B,T,Hk,Dk]; v [B,T,H,Dv];
+    g, beta [B,T,H]; initial_state [B,H,Dk,Dv] or None; segment_ids [B,T] int or None.
+
+    Returns (out [B,T,H,Dv] in v's dtype, final_state [B,H,Dk,Dv] fp32).
+    """
+    B, T, H, Dv = v.shape
+    q, k = _qk(q, k, H, use_qk_l2norm, head_axis=2)
+    S0 = _initial_state(initial_state, B, H, k.shape[-1], Dv)
+    starts = jnp.zeros((B, T), bool) if segment_ids is None else document_starts(segment_ids)
+    xs = [jnp.moveaxis(x, 1, 0) for x in (q, k, v.astype(F32), g.astype(F32), beta.astype(F32))]
+
+    def step(S, x):
+        q_t, k_t, v_t, g_t, beta_t, start_t = x
+        S = jnp.where(start_t[:, None, None, None], 0.0, S)
+        return _update(S, q_t, k_t, v_t, g_t, beta_t)
+
+    S, out = jax.lax.scan(step, S0, (*xs, starts.T))
+    return jnp.moveaxis(out, 0, 1).astype(v.dtype), S
+
+
+def delta_rule_step(q, k, v, g, beta, state, *, use_qk_l2norm: bool = True):
+    """One decoding token. q, k [B,Hk,Dk]; v [B,H,Dv]; g, beta [B,H]; state [B,H,Dk,Dv].
+
+    Returns (out [B,H,Dv] in v's dtype, new_state [B,H,Dk,Dv] fp32).
+    """
+    H = v.shape[1]
+    q, k = _qk(q, k, H, use_qk_l2norm, head_axis=1)
+    S, out = _update(state.astype(F32), q, k, v.astype(F32), g.astype(F32), beta.astype(F32))
+    return out.astype(v.dtype), S
+
+
+# ---- chunked -----------------------------------------------------------------------------------
+
+
+def _chunks(x, C):
+    """[B,T,H,...] (T a multiple of C) -> [B,H,N,C,...]."""
+    B, T, H = x.shape[:3]
+    x = x.reshape(B, T // C, C, H, *x.shape[3:])
+    return jnp.moveaxis(x, 3, 1)
+
+
+def _masked_exp(mask, x):
+    """exp(x) where mask, else 0; gradients stay finite where x is masked."""
+    return jnp.where(mask, jnp.exp(jnp.where(mask, x, 0.0)), 0.0)
+
+
+def delta_rule_chunked(
+    q,
+    k,
+    v,
+    g,
+    beta,
+    *,
+    initial_state=None,
+    chunk_size: int = 64,
+    use_qk_l2norm: bool = True,
+    segment_ids=None,
+):
+    """Chunked gated delta rule (shapes as `delta_rule_recurrent`): any T, padded internally to a
+    multiple of `chunk_size` with inert tokens (k = v = beta = g = 0 leave the state unchanged).
+
+    Returns (out [B,T,H,Dv] in v's dtype, final_state [B,H,Dk,Dv] fp32).
+    """
+    B, T, H, Dv = v.shape
+    C = chunk_size
+    q, k = _qk(q, k, H, use_qk_l2norm, head_axis=2)
+    Dk = k.shape[-1]
+    S0 = _initial_state(initial_state, B, H, Dk, Dv)
+    pad = -T % C
+    tpad = lambda x, value=0: jnp.pad(  # noqa: E731
+        x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=value
+    )
+    q, k, v, g, beta = (tpad(x.astype(F32)) for x in (q, k, v, g, beta))
+    q, k, v = (_chunks(x, C) for x in (q, k, v))  # [B,H,N,C,D]
+    g, beta = (_chunks(x, C) for x in (g, beta))  # [B,H,N,C]
+    N = q.shape[2]
+
+    causal = jnp.tril(jnp.ones((C, C), bool))  # [C(i), C(j)]: j <= i
+    if segment_ids is None:
+        same = causal  # [C,C]
+        reads_carry = jnp.ones((C,), bool)  # token reads the state carried into its chunk
+        same_as_last = jnp.ones((C,), bool)  # token belongs to the chunk's last document
+    else:
+        starts = tpad(document_starts(segment_ids))  # padding continues the last document
+        doc = jnp.cumsum(starts.reshape(B, N, C), axis=-1)  # in-chunk document index [B,N,C]
+        same = causal & (doc[..., :, None] == doc[..., None, :])  # [B,N,C,C]
+        same = same[:, None]  # [B,1,N,C,C]
+        reads_carry = (doc == 0)[:, None]  # [B,1,N,C]
+        same_as_last = (doc == doc[..., -1:])[:, None]
+    strict = same & ~jnp.eye(C, dtype=bool)
+
+    cum = jnp.cumsum(g, axis=-1)  # [B,H,N,C] log of the decay from chunk start through token i
+    diff = cum[..., :, None] - cum[..., None, :]  # [B,H,N,C,C]
+    k_beta = k * beta[..., None]
+    kk = jnp.einsum("bhnik,bhnjk->bhnij", k_beta, k)
+    ut = jnp.eye(C, dtype=F32) + kk * _masked_exp(strict, diff)  # unit lower triangular
+    attn = jnp.einsum("bhnik,bhnjk->bhnij", q, k) * _masked_exp(same, diff)
+    carry_decay = _masked_exp(reads_carry, cum)  # [B,H,N,C] decay from chunk start
+    rhs = jnp.concatenate([v * beta[..., None], k_beta * carry_decay[..., None]], axis=-1)
+    sol = jax.lax.linalg.triangular_solve(ut, rhs, left_side=True, lower=True, unit_diagonal=True)
+    u, w = sol[..., :Dv], sol[..., Dv:]  # [B,H,N,C,Dv], [B,H,N,C,Dk]
+    q_carry = q * carry_decay[..., None]
+    k_out = k * _masked_exp(same_as_last, cum[..., -1:] - cum)[..., None]  # decay to chunk end
+    chunk_decay = _masked_exp(reads_carry[..., -1], cum[..., -1])  # [B,H,N]
+
+    def step(S, x):
+        u, w, q_carry, attn, k_out, chunk_decay = x
+        v_new = u - jnp.einsum("bhik,bhkv->bhiv", w, S)
+        o = jnp.einsum("bhik,bhkv->bhiv", q_carry, S) + jnp.einsum("bhij,bhjv->bhiv", attn, v_new)
+        S = S * chunk_decay[..., None, None] + jnp.einsum("bhik,bhiv->bhkv", k_out, v_new)
+        return S, o
+
+    xs = (u, w, q_carry, attn, k_out, chunk_decay)
+    S, out = jax.lax.scan(step, S0, [jnp.moveaxis(x, 2, 0) for x in xs])  # out [N,B,H,C,Dv]
+    out = out.transpose(1, 0, 3, 2, 4).reshape(B, N * C, H, Dv)[:, :T]
+    return out.astype(v.dtype), S

@@ -1,0 +1,180 @@
+"""Gated delta rule: recurrent and chunked forms = transformers' torch reference; chunked =
+recurrent (forward and gradients); decoding steps = recurrent; packed documents = separate runs."""
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from transformers.models.qwen3_next import modeling_qwen3_next as hf
+
+from qwenjax.ops.delta_rule import delta_rule_chunked, delta_rule_recurrent, delta_rule_step
+
+ARGNAMES = ("q", "k", "v", "g", "beta", "initial_state")
+
+
+def _inputs(B, T, Hk, H, Dk, Dv, seed=0, state_scale=1.0):
+    """Realistic gates: g = -A * softplus(a + dt_bias) with A spread over heads like the HF init
+    range (0.01..16), beta = sigmoid(b); q, k raw projections (normalised in the kernel)."""
+    rng = np.random.default_rng(seed)
+    f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
+    A = np.exp(np.linspace(np.log(0.01), np.log(16.0), H))
+    g = -A * np.logaddexp(0.0, rng.normal(size=(B, T, H)) + 1.0)
+    return dict(
+        q=f32(rng.normal(size=(B, T, Hk, Dk))),
+        k=f32(rng.normal(size=(B, T, Hk, Dk))),
+        v=f32(rng.normal(size=(B, T, H, Dv))),
+        g=f32(g),
+        beta=f32(1.0 / (1.0 + np.exp(-rng.normal(size=(B, T, H))))),
+        initial_state=f32(state_scale * rng.normal(size=(B, H, Dk, Dv))),
+    )
+
+
+def _cotangents(x, seed=1):
+    """Random weights for a scalar loss over (out, final_state)."""
+    B, T, H, Dv = x["v"].shape
+    Dk = x["k"].shape[-1]
+    k1, k2 = jax.random.split(jax.random.key(seed))
+    return jax.random.normal(k1, (B, T, H, Dv)), jax.random.normal(k2, (B, H, Dk, Dv))
+
+
+def _value_and_grad(fn, x, cot):
+    def loss(args):
+        out, state = fn(**args)
+        return jnp.sum(out * cot[0]) + jnp.sum(state * cot[1]), (out, state)
+
+    (_, (out, state)), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(x)
+    return out, state, grads
+
+
+def _maxdiff(a, b):
+    return float(jnp.max(jnp.abs(jnp.asarray(a, jnp.float32) - jnp.asarray(b, jnp.float32))))
+
+
+def _assert_grads_close(g1, g2, tol):
+    for name in ARGNAMES:
+        scale = max(1.0, float(jnp.max(jnp.abs(g2[name]))))
+        assert _maxdiff(g1[name], g2[name]) <= tol * scale, name
+
+
+@pytest.mark.parametrize(
+    "T,C,Hk,H,Dk,Dv,l2",
+    [(70, 16, 2, 2, 16, 8, True), (130, 64, 2, 4, 8, 12, True), (45, 16, 3, 3, 16, 8, False)],
+)
+def test_matches_transformers(T, C, Hk, H, Dk, Dv, l2):
+    x = _inputs(2, T, Hk, H, Dk, Dv)
+    if not l2:  # without in-kernel normalisation keep |k| ~ 1 so the recurrence stays stable
+        x["k"] = x["k"] * Dk**-0.5
+    t = {n: torch.from_numpy(np.asarray(a)) for n, a in x.items()}
+    kw = dict(output_final_state=True, use_qk_l2norm_in_kernel=l2)
+    ref_rec = hf.torch_recurrent_gated_delta_rule(*(t[n] for n in ARGNAMES[:5]), initial_state=t["initial_state"], **kw)
+    ref_chunk = hf.torch_chunk_gated_delta_rule(
+        *(t[n] for n in ARGNAMES[:5]), chunk_size=C, initial_state=t["initial_state"], **kw
+    )
+    rec = jax.jit(partial(delta_rule_recurrent, use_qk_l2norm=l2))(**x)
+    chunk = jax.jit(partial(delta_rule_chunked, chunk_size=C, use_qk_l2norm=l2))(**x)
+    for ours, ref in ((rec, ref_rec), (chunk, ref_chunk)):
+        assert ours[0].shape == (2, T, H, Dv) and ours[1].shape == (2, H, Dk, Dv)
+        assert _maxdiff(ours[0], ref[0].numpy()) <= 1e-5
+        assert _maxdiff(ours[1], ref[1].numpy()) <= 1e-5
+
+
+@pytest.mark.parametrize("C", [16, 64])
+def test_chunked_matches_recurrent_forward_and_grads(C):
+    x = _inputs(2, 130, 2, 4, 16, 8, seed=2)
+    cot = _cotangents(x)
+    out_r, st_r, gr_r = _value_and_grad(delta_rule_recurrent, x, cot)
+    out_c, st_c, gr_c = _value_and_grad(partial(delta_rule_chunked, chunk_size=C), x, cot)
+    assert _maxdiff(out_c, out_r) <= 1e-5
+    assert _maxdiff(st_c, st_r) <= 1e-5
+    _assert_grads_close(gr_c, gr_r, 1e-4)
+
+
+def test_padding_does_not_change_the_state():
+    """T = 70 with C = 64 pads 58 inert tokens: the state equals the one after exactly 70."""
+    x = _inputs(1, 70, 2, 2, 16, 16, seed=3)
+    _, st_c = jax.jit(partial(delta_rule_chunked, chunk_size=64))(**x)
+    _, st_r = jax.jit(delta_rule_recurrent)(**x)
+    assert _maxdiff(st_c, st_r) <= 1e-5
+
+
+def test_decode_steps_continue_a_chunked_prefill():
+    """Prefill 50 tokens (chunked), decode 20 with delta_rule_step = recurrent over all 70."""
+    x = _inputs(2, 70, 1, 2, 16, 8, seed=4)
+    out_r, st_r = jax.jit(delta_rule_recurrent)(**x)
+    pre = {n: (a[:, :50] if n != "initial_state" else a) for n, a in x.items()}
+    out_p, state = jax.jit(partial(delta_rule_chunked, chunk_size=16))(**pre)
+    step = jax.jit(delta_rule_step)
+    outs = [out_p]
+    for t in range(50, 70):
+        o, state = step(*(x[n][:, t] for n in ARGNAMES[:5]), state)
+        outs.append(o[:, None])
+    assert _maxdiff(jnp.concatenate(outs, axis=1), out_r) <= 1e-5
+    assert _maxdiff(state, st_r) <= 1e-5
+
+
+def test_bf16_inputs_give_bf16_output_and_fp32_state():
+    x = {n: (a.astype(jnp.bfloat16) if n != "initial_state" else a) for n, a in _inputs(1, 40, 2, 2, 16, 8).items()}
+    ref_out, ref_state = delta_rule_recurrent(**{n: a.astype(jnp.float32) for n, a in x.items()})
+    out, state = jax.jit(partial(delta_rule_chunked, chunk_size=16))(**x)
+    assert out.dtype == jnp.bfloat16 and state.dtype == jnp.float32
+    assert _maxdiff(out, ref_out) <= 2e-2
+    assert _maxdiff(state, ref_state) <= 1e-4
+
+
+# ---- packed documents -------------------------------------------------------------------------
+
+# Row 0: starts at 5 (inside chunk 0), 16 and 64 (on chunk edges), 70, 71 (a 1-token document)
+# and 100; ids are reused (a change of id is what starts a document). Row 1: one start at 33.
+_DOCS = ((0, 5, 16, 64, 70, 71, 100, 130), (0, 33, 130))
+_IDS = ((7, 3, 7, 3, 9, 4, 3), (2, 5))
+
+
+def _segment_ids():
+    seg = np.zeros((2, 130), np.int32)
+    for b, (cuts, ids) in enumerate(zip(_DOCS, _IDS)):
+        for d, i in enumerate(ids):
+            seg[b, cuts[d] : cuts[d + 1]] = i
+    return jnp.asarray(seg)
+
+
+def _separately(q, k, v, g, beta, initial_state):
+    """Each document on its own from a zero state (the first from initial_state)."""
+    outs, finals = [], []
+    for b, cuts in enumerate(_DOCS):
+        row = []
+        for d, (lo, hi) in enumerate(zip(cuts[:-1], cuts[1:])):
+            sl = lambda a: a[b : b + 1, lo:hi]  # noqa: E731
+            s0 = initial_state[b : b + 1] if d == 0 else jnp.zeros_like(initial_state[:1])
+            o, s = delta_rule_recurrent(sl(q), sl(k), sl(v), sl(g), sl(beta), initial_state=s0)
+            row.append(o)
+        outs.append(jnp.concatenate(row, axis=1))
+        finals.append(s)
+    return jnp.concatenate(outs, axis=0), jnp.concatenate(finals, axis=0)
+
+
+@pytest.mark.parametrize("form", ["recurrent", "chunked16", "chunked64"])
+def test_packed_documents_equal_separate_runs(form):
+    x = _inputs(2, 130, 2, 2, 16, 8, seed=5)
+    seg = _segment_ids()
+    fn = {
+        "recurrent": delta_rule_recurrent,
+        "chunked16": partial(delta_rule_chunked, chunk_size=16),
+        "chunked64": partial(delta_rule_chunked, chunk_size=64),
+    }[form]
+    cot = _cotangents(x)
+    out_p, st_p, gr_p = _value_and_grad(partial(fn, segment_ids=seg), x, cot)
+    out_s, st_s, gr_s = _value_and_grad(_separately, x, cot)
+    assert _maxdiff(out_p, out_s) <= 1e-5
+    assert _maxdiff(st_p, st_s) <= 1e-5
+    _assert_grads_close(gr_p, gr_s, 1e-4)
+
+
+def test_no_document_boundary_is_the_same_as_no_segment_ids():
+    x = _inputs(1, 40, 2, 2, 16, 8, seed=6)
+    seg = jnp.full((1, 40), 3, jnp.int32)
+    fn = jax.jit(partial(delta_rule_chunked, chunk_size=16))
+    a, b = fn(**x), fn(**x, segment_ids=seg)
+    assert _maxdiff(a[0], b[0]) == 0.0 and _maxdiff(a[1], b[1]) == 0.0
