@@ -46,6 +46,10 @@ class RopeConfig:
     mscale_all_dim: float | None = None
     truncate: bool = True
     partial_rotary_factor: float = 1.0  # rotate only the first fraction of each head's dims
+    # Qwen3.5 multimodal RoPE sections. With text-only input all three position streams are equal
+    # and M-RoPE is plain 1-D RoPE over the rotary dims; kept so exports reproduce the config.
+    mrope_section: tuple[int, ...] = ()
+    mrope_interleaved: bool = False
 
     def __post_init__(self):
         if not 0 < self.partial_rotary_factor <= 1:
@@ -61,6 +65,9 @@ class RopeConfig:
         out: dict[str, Any] = {"rope_theta": self.rope_theta, "rope_type": self.rope_type}
         if self.partial_rotary_factor != 1.0:
             out["partial_rotary_factor"] = self.partial_rotary_factor
+        if self.mrope_section:
+            out["mrope_section"] = list(self.mrope_section)
+            out["mrope_interleaved"] = self.mrope_interleaved
         if self.rope_type == "default":
             return out
         out["factor"] = self.factor
@@ -215,6 +222,8 @@ class ModelConfig:
             if not isinstance(rope, dict):
                 raise ConfigError(f"{source}: 'rope' must be a mapping")
             _check_keys(rope, RopeConfig, f"{source}: rope")
+            if "mrope_section" in rope:
+                rope = dict(rope, mrope_section=tuple(rope["mrope_section"]))
             d["rope"] = RopeConfig(**rope)
         for key in ("mlp_only_layers", "layer_types"):
             if key in d:
@@ -332,6 +341,8 @@ def _hf_rope(hf: dict[str, Any]) -> RopeConfig:
     if unknown:
         raise ConfigError(f"config.json: rope_parameters keys {unknown} are not supported")
     params = {k: v for k, v in params.items() if v is not None}
+    if "mrope_section" in params:
+        params["mrope_section"] = tuple(params["mrope_section"])
     return RopeConfig(rope_theta=float(theta), rope_type=rope_type, **params)
 
 

@@ -47,6 +47,35 @@ CASES = {
 }
 
 
+HYBRID = dict(head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8,
+              linear_value_head_dim=12, linear_conv_kernel_dim=4)
+HYBRID_MOE = dict(MOE, shared_expert_intermediate_size=24)
+PARTIAL = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}
+MIXED = ["linear_attention", "full_attention", "linear_attention", "full_attention"]
+
+# Hybrid families: 3 Gated DeltaNet : 1 gated attention by default; grouped (qwen3_next) and split
+# (qwen3_5) projections; Hv = Hk and Hv > Hk; partial rotary 0.25 and 0.5; tied embeddings.
+CASES.update({
+    "qwen3_next": [
+        ("default", dict(HYBRID, **HYBRID_MOE)),
+        ("sparse2-mlponly-samek", dict(HYBRID, **HYBRID_MOE, decoder_sparse_step=2, mlp_only_layers=[0],
+                                       linear_num_value_heads=2, rope_parameters=PARTIAL)),
+        ("tied-mixed-nonorm", dict(HYBRID, **HYBRID_MOE, tie_word_embeddings=True, layer_types=MIXED,
+                                   norm_topk_prob=False)),
+    ],
+    "qwen3_5_text": [
+        ("default", dict(HYBRID)),
+        ("k1-tied", dict(HYBRID, linear_num_key_heads=1, tie_word_embeddings=True)),
+        ("bias-partial-mixed", dict(HYBRID, attention_bias=True, rope_parameters=PARTIAL, layer_types=MIXED)),
+    ],
+    "qwen3_5_moe_text": [
+        ("default", dict(HYBRID, **HYBRID_MOE)),
+        ("samek-partial", dict(HYBRID, **HYBRID_MOE, linear_num_value_heads=2, rope_parameters=PARTIAL)),
+        ("tied-mixed", dict(HYBRID, **HYBRID_MOE, tie_word_embeddings=True, layer_types=MIXED)),
+    ],
+})
+
+
 def all_cases():
     return [(fam, name, over) for fam, cases in CASES.items() for name, over in cases]
 
@@ -59,6 +88,9 @@ def build(family: str, overrides: dict, seed: int = 0, **extra):
         "qwen2_moe": (transformers.Qwen2MoeConfig, transformers.Qwen2MoeForCausalLM),
         "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
         "qwen3_moe": (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM),
+        "qwen3_next": (transformers.Qwen3NextConfig, transformers.Qwen3NextForCausalLM),
+        "qwen3_5_text": (transformers.Qwen3_5TextConfig, transformers.Qwen3_5ForCausalLM),
+        "qwen3_5_moe_text": (transformers.Qwen3_5MoeTextConfig, transformers.Qwen3_5MoeForCausalLM),
     }[family]
     kw = {**BASE, **overrides, **extra}
     if kw.get("rope_parameters", {}).get("rope_type") == "yarn":

@@ -1,6 +1,7 @@
 """Gated delta rule: recurrent and chunked forms = transformers' torch reference; chunked =
 recurrent (forward and gradients); decoding steps = recurrent; packed documents = separate runs."""
 
+import functools
 from functools import partial
 
 import jax
@@ -81,23 +82,20 @@ def test_matches_transformers(T, C, Hk, H, Dk, Dv, l2):
         assert _maxdiff(ours[1], ref[1].numpy()) <= 1e-5
 
 
+@functools.cache
+def _recurrent_reference():
+    x = _inputs(2, 130, 2, 4, 16, 8, seed=2)
+    return x, _value_and_grad(delta_rule_recurrent, x, _cotangents(x))
+
+
 @pytest.mark.parametrize("C", [16, 64])
 def test_chunked_matches_recurrent_forward_and_grads(C):
-    x = _inputs(2, 130, 2, 4, 16, 8, seed=2)
-    cot = _cotangents(x)
-    out_r, st_r, gr_r = _value_and_grad(delta_rule_recurrent, x, cot)
-    out_c, st_c, gr_c = _value_and_grad(partial(delta_rule_chunked, chunk_size=C), x, cot)
+    """From a non-zero state; T = 130 pads the last chunk, which must not change the state."""
+    x, (out_r, st_r, gr_r) = _recurrent_reference()
+    out_c, st_c, gr_c = _value_and_grad(partial(delta_rule_chunked, chunk_size=C), x, _cotangents(x))
     assert _maxdiff(out_c, out_r) <= 1e-5
     assert _maxdiff(st_c, st_r) <= 1e-5
     _assert_grads_close(gr_c, gr_r, 1e-4)
-
-
-def test_padding_does_not_change_the_state():
-    """T = 70 with C = 64 pads 58 inert tokens: the state equals the one after exactly 70."""
-    x = _inputs(1, 70, 2, 2, 16, 16, seed=3)
-    _, st_c = jax.jit(partial(delta_rule_chunked, chunk_size=64))(**x)
-    _, st_r = jax.jit(delta_rule_recurrent)(**x)
-    assert _maxdiff(st_c, st_r) <= 1e-5
 
 
 def test_decode_steps_continue_a_chunked_prefill():
@@ -141,23 +139,38 @@ def _segment_ids():
 
 
 def _separately(q, k, v, g, beta, initial_state):
-    """Each document on its own from a zero state (the first from initial_state)."""
-    outs, finals = [], []
-    for b, cuts in enumerate(_DOCS):
-        row = []
-        for d, (lo, hi) in enumerate(zip(cuts[:-1], cuts[1:])):
-            sl = lambda a: a[b : b + 1, lo:hi]  # noqa: E731
-            s0 = initial_state[b : b + 1] if d == 0 else jnp.zeros_like(initial_state[:1])
-            o, s = delta_rule_recurrent(sl(q), sl(k), sl(v), sl(g), sl(beta), initial_state=s0)
-            row.append(o)
-        outs.append(jnp.concatenate(row, axis=1))
-        finals.append(s)
-    return jnp.concatenate(outs, axis=0), jnp.concatenate(finals, axis=0)
+    """Each document on its own from a zero state (a row's first from initial_state): documents
+    become rows of one batch, right-padded with inert tokens (k = v = g = beta = 0 leave the
+    state as it is), run by the plain recurrent form, and scattered back."""
+    docs = [(b, lo, hi) for b, cuts in enumerate(_DOCS) for lo, hi in zip(cuts[:-1], cuts[1:])]
+    L = max(hi - lo for _, lo, hi in docs)
+    rows = np.array([b for b, _, _ in docs])
+    pos = np.array([[min(lo + j, hi - 1) for j in range(L)] for _, lo, hi in docs])
+    valid = np.array([[j < hi - lo for j in range(L)] for _, lo, hi in docs])
+    first = np.array([lo == 0 for _, lo, _ in docs])
+    last = [max(i for i, d in enumerate(docs) if d[0] == b) for b in range(len(_DOCS))]
+    where = np.zeros((len(_DOCS), 130, 2), np.int64)  # (doc, offset) of every packed token
+    for i, (b, lo, hi) in enumerate(docs):
+        where[b, lo:hi] = np.stack([np.full(hi - lo, i), np.arange(hi - lo)], -1)
+
+    def gather(a):
+        a = a[rows[:, None], pos]
+        return jnp.where(valid.reshape(valid.shape + (1,) * (a.ndim - 2)), a, 0.0)
+
+    s0 = initial_state[rows] * first[:, None, None, None]
+    out, state = delta_rule_recurrent(*map(gather, (q, k, v, g, beta)), initial_state=s0)
+    return out[where[..., 0], where[..., 1]], state[np.array(last)]
+
+
+@functools.cache
+def _separate_reference():
+    x = _inputs(2, 130, 2, 2, 16, 8, seed=5)
+    return x, _value_and_grad(_separately, x, _cotangents(x))
 
 
 @pytest.mark.parametrize("form", ["recurrent", "chunked16", "chunked64"])
 def test_packed_documents_equal_separate_runs(form):
-    x = _inputs(2, 130, 2, 2, 16, 8, seed=5)
+    x, (out_s, st_s, gr_s) = _separate_reference()
     seg = _segment_ids()
     fn = {
         "recurrent": delta_rule_recurrent,
@@ -166,7 +179,6 @@ def test_packed_documents_equal_separate_runs(form):
     }[form]
     cot = _cotangents(x)
     out_p, st_p, gr_p = _value_and_grad(partial(fn, segment_ids=seg), x, cot)
-    out_s, st_s, gr_s = _value_and_grad(_separately, x, cot)
     assert _maxdiff(out_p, out_s) <= 1e-5
     assert _maxdiff(st_p, st_s) <= 1e-5
     _assert_grads_close(gr_p, gr_s, 1e-4)

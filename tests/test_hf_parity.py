@@ -1,8 +1,11 @@
 """Logits parity with `transformers` for every family: fp32 exact-ish, bf16 close in distribution."""
 
+import copy
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 
 import hf_models
 import qwenjax
@@ -21,8 +24,9 @@ def _kl(ref_logits, logits):
 def test_fp32_logits_match_transformers(tmp_path, family, name, over):
     hf = hf_models.build(family, over)
     model = qwenjax.from_pretrained(hf_models.save(hf, tmp_path / "hf"), dtype="float32")
-    # Lengths that are not powers of two; the second batch is padded on the left.
-    for T, pad in ((37, 0), (70, 9)):
+    # Lengths that are not powers of two nor multiples of the delta-rule chunk (64); the second
+    # batch is padded on the left.
+    for T, pad in ((37, 0), (70, 9), (130, 0)):
         ids, mask = hf_models.batch(hf.config.vocab_size, 2, T, seed=T, left_pad=pad)
         ref = hf_models.hf_logits(hf, ids, mask if pad else None)
         out = np.asarray(model(jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
@@ -48,4 +52,11 @@ def test_bf16_logits_close_to_transformers_fp32(tmp_path, family):
     out = np.asarray(model(jnp.asarray(ids), attention_mask=jnp.asarray(mask)))[real]
     top1 = float((out.argmax(-1) == ref.argmax(-1)).mean())
     assert top1 >= 0.99, (family, top1)
-    assert _kl(ref, out) <= 1e-3, family
+    if "linear_num_key_heads" not in over:
+        assert _kl(ref, out) <= 1e-3, family
+    else:
+        # Hybrid MoE models in bf16 drift further (transformers' own bf16 run of these weights:
+        # mean KL 1.5e-3 / 2.1e-3); their contract is top-1 >= 99 %, plus: no worse than 2x
+        # transformers in the same precision.
+        hf_bf16 = hf_models.hf_logits(copy.deepcopy(hf).to(torch.bfloat16), ids, mask)[real]
+        assert _kl(ref, out) <= 2 * _kl(ref, hf_bf16) + 1e-4, family

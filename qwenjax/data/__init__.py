@@ -2,7 +2,7 @@
 
     docs = stdlib_corpus()                        # or text_files([...]), jsonl_files([...])
     tok = train_bpe(docs, vocab_size=512)         # or load_tokenizer(dir), qwen_tokenizer("qwen3")
-    it = iter(PackedDataset(docs, tok, seq_len=512, seed=0).shard(host, num_hosts))
+    it = iter(PackedDataset(docs, tok, seq_len=512, seed=0, lanes=8 * num_hosts).shard(host, num_hosts))
     batch = it.next_batch(8)                      # numpy [8, 512]: input_ids, targets, ...
     state = it.get_state()                        # JSON-able; it.set_state(state) resumes exactly
 """

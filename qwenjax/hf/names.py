@@ -91,7 +91,6 @@ def _attention_entries(cfg: ModelConfig) -> list[tuple[str, str, tuple]]:
     ]
     if cfg.qkv_bias:
         rows += [
-            ("self_attn.q_proj.bias", "attn.q_bias", _reshape((H * Dh,), (H, Dh))),
             ("self_attn.k_proj.bias", "attn.k_bias", _reshape((K * Dh,), (K, Dh))),
             ("self_attn.v_proj.bias", "attn.v_bias", _reshape((K * Dh,), (K, Dh))),
         ]
@@ -130,7 +129,7 @@ def tensor_table(cfg: ModelConfig, *, fused_experts: bool = False) -> list[Tenso
         rows = _norm_entries(cfg)
         if attn_type == "full_attention":
             rows += _attention_entries(cfg)
-            table.append(_q_proj_entry(cfg, hf, base, r))
+            table += _q_proj_entries(cfg, hf, base, r)
         else:
             table += _linear_attention_entries(cfg, hf, base, r)
         if mlp_type == "dense":
@@ -152,18 +151,30 @@ def tensor_table(cfg: ModelConfig, *, fused_experts: bool = False) -> list[Tenso
     return table
 
 
-def _q_proj_entry(cfg: ModelConfig, hf: str, base: Path, r: int) -> TensorMap:
+def _q_proj_entries(cfg: ModelConfig, hf: str, base: Path, r: int) -> list[TensorMap]:
+    """q_proj weight (and bias). With an output gate, HF's rows are per head: Dh query rows then
+    Dh gate rows; ours are two parameters."""
     D, H, Dh = cfg.hidden_size, cfg.num_heads, cfg.head_dim
-    q = base + ("attn", "q_kernel")
+    name, attn = hf + "self_attn.q_proj.", lambda p: base + ("attn", p)  # noqa: E731
     if not cfg.attention_output_gate:
-        return _simple(hf + "self_attn.q_proj.weight", q, (r,), _linear_out_heads(H, Dh, D))
-    # [H*2*Dh, D]: per head, Dh query rows then Dh gate rows.
-    return TensorMap(
-        hf + "self_attn.q_proj.weight", (H * 2 * Dh, D),
-        (Target(q, (r,), lambda a: a.T.reshape(D, H, 2, Dh)[:, :, 0]),
-         Target(base + ("attn", "gate_kernel"), (r,), lambda a: a.T.reshape(D, H, 2, Dh)[:, :, 1])),
+        out = [_simple(name + "weight", attn("q_kernel"), (r,), _linear_out_heads(H, Dh, D))]
+        if cfg.qkv_bias:
+            out.append(_simple(name + "bias", attn("q_bias"), (r,), _reshape((H * Dh,), (H, Dh))))
+        return out
+    out = [TensorMap(
+        name + "weight", (H * 2 * Dh, D),
+        (Target(attn("q_kernel"), (r,), lambda a: a.T.reshape(D, H, 2, Dh)[:, :, 0]),
+         Target(attn("gate_kernel"), (r,), lambda a: a.T.reshape(D, H, 2, Dh)[:, :, 1])),
         lambda qk, gk: np.stack([qk, gk], axis=2).reshape(D, H * 2 * Dh).T,
-    )
+    )]
+    if cfg.qkv_bias:
+        out.append(TensorMap(
+            name + "bias", (H * 2 * Dh,),
+            (Target(attn("q_bias"), (r,), lambda a: a.reshape(H, 2, Dh)[:, 0]),
+             Target(attn("gate_bias"), (r,), lambda a: a.reshape(H, 2, Dh)[:, 1])),
+            lambda qb, gb: np.stack([qb, gb], axis=1).reshape(H * 2 * Dh),
+        ))
+    return out
 
 
 # Families whose Gated DeltaNet input projections are fused and grouped by key head.

@@ -37,6 +37,8 @@ class Attention(nnx.Module):
             self.k_norm = make_param(rngs, (Dh,), ("norm",), pd, norm_init)
         if cfg.attention_output_gate:
             self.gate_kernel = make_param(rngs, (D, H, Dh), ("embed", "heads", "head_dim"), pd)
+            if cfg.qkv_bias:
+                self.gate_bias = make_param(rngs, (H, Dh), ("heads", "head_dim"), pd, "zeros")
 
     def _project(self, x, kernel, bias_name):
         y = jnp.einsum("btd,dhk->bthk", x, kernel[...].astype(x.dtype))
@@ -59,7 +61,7 @@ class Attention(nnx.Module):
             causal=True, block_q=cfg.attn_block, block_kv=cfg.attn_block,
         )
         if cfg.attention_output_gate:
-            gate = jnp.einsum("btd,dhk->bthk", x, self.gate_kernel[...].astype(x.dtype))
+            gate = self._project(x, self.gate_kernel, "gate_bias")
             o = o * jax.nn.sigmoid(gate)
         o = checkpoint_name(o, "attn_out")
         out = jnp.einsum("bthk,hkd->btd", o, self.o_kernel[...].astype(x.dtype))

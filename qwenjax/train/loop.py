@@ -88,7 +88,8 @@ def train(exp: ExperimentConfig, run_dir: str | Path) -> dict:
             f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is {cfg.vocab_size}"
         )
     dataset = iter(build_dataset(exp, tokenizer))  # the iterator holds the resumable position
-    baseline = unigram_entropy(iter(build_dataset(exp, tokenizer)), exp, tokenizer.vocab_size)
+    local_batch = exp.batch_size // jax.process_count()  # this host's lanes
+    baseline = unigram_entropy(iter(build_dataset(exp, tokenizer)), local_batch, tokenizer.vocab_size)
 
     if exp.init_from:
         model = load_params(exp.init_from, mesh=mesh, rules=rules, dtype=cfg.dtype)
@@ -135,7 +136,7 @@ def train(exp: ExperimentConfig, run_dir: str | Path) -> dict:
         try:
             t_last, step = time.perf_counter(), start
             for step in range(start + 1, exp.steps + 1):
-                arrays = dataset.next_batch(exp.batch_size)
+                arrays = dataset.next_batch(local_batch)
                 state, metrics = step_fn(state, _micro_batches(arrays, exp.grad_accum, batch_sharding))
                 bad = int(state.bad_steps)
                 if bad >= exp.max_bad_steps:
@@ -181,12 +182,12 @@ def train(exp: ExperimentConfig, run_dir: str | Path) -> dict:
     return summary
 
 
-def unigram_entropy(iterator, exp: ExperimentConfig, vocab_size: int, rows: int = 2048) -> float:
+def unigram_entropy(iterator, batch: int, vocab_size: int, rows: int = 2048) -> float:
     """Entropy (nats/token) of the token distribution over the first `rows` training rows: the
     loss of the best model that ignores context, the bar a trained LM must clear."""
     counts = np.zeros(vocab_size, np.int64)
-    for _ in range(max(1, rows // exp.batch_size)):
-        counts += np.bincount(iterator.next_batch(exp.batch_size)["targets"].ravel(),
+    for _ in range(max(1, rows // batch)):
+        counts += np.bincount(iterator.next_batch(batch)["targets"].ravel(),
                               minlength=vocab_size)[:vocab_size]
     p = counts[counts > 0] / counts.sum()
     return float(-(p * np.log(p)).sum())
