@@ -346,14 +346,24 @@ def _hf_rope(hf: dict[str, Any]) -> RopeConfig:
     return RopeConfig(rope_theta=float(theta), rope_type=rope_type, **params)
 
 
+# Multimodal wrappers whose `text_config` is one of our families. Their checkpoints keep the
+# language model under `model.language_model.` beside `model.visual.*`; we load the text model
+# and carry the wrapper (minus text_config) in hf_extra under WRAPPER_KEY for the export.
+WRAPPERS = {"qwen3_5": "qwen3_5_text", "qwen3_5_moe": "qwen3_5_moe_text"}
+WRAPPER_KEY = "__wrapper__"
+FUSED_EXPERTS_KEY = "__fused_experts__"  # the source stored experts fused: export them so too
+
+
 def _from_hf(hf: dict[str, Any]) -> ModelConfig:
     model_type = hf.get("model_type")
-    if isinstance(hf.get("text_config"), dict) and model_type in ("qwen3_5", "qwen3_5_moe"):
-        raise ConfigError(
-            f"config.json: {model_type} with a nested text_config (the multimodal Hub layout, "
-            "weights under model.language_model.) is not supported yet; export the text model "
-            "with transformers' Qwen3_5ForCausalLM / Qwen3_5MoeForCausalLM first"
-        )
+    if model_type in WRAPPERS:
+        text = hf.get("text_config")
+        if not isinstance(text, dict):
+            raise ConfigError(f"config.json: {model_type} needs a text_config mapping")
+        text = dict(text, model_type=text.get("model_type", WRAPPERS[model_type]))
+        inner = _from_hf(text)
+        wrapper = {k: v for k, v in hf.items() if k not in ("text_config", "transformers_version")}
+        return inner.replace(hf_extra=json.dumps({**inner.extra, WRAPPER_KEY: wrapper}, sort_keys=True))
     if model_type not in _FAMILIES:
         raise ConfigError(
             f"config.json: model_type {model_type!r} is not supported; use one of {sorted(_FAMILIES)}"
@@ -427,8 +437,15 @@ _ARCHITECTURES = {
 
 
 def _to_hf(cfg: ModelConfig) -> dict[str, Any]:
+    extra = cfg.extra
+    wrapper = extra.pop(WRAPPER_KEY, None)
+    extra.pop(FUSED_EXPERTS_KEY, None)
+    if wrapper is not None:
+        text = _to_hf(cfg.replace(hf_extra=json.dumps(extra, sort_keys=True)))
+        text.pop("architectures", None)
+        return {**wrapper, "text_config": text}
     fam = _FAMILIES[cfg.model_type]
-    out: dict[str, Any] = dict(cfg.extra)
+    out: dict[str, Any] = dict(extra)
     out.update(
         architectures=[_ARCHITECTURES[cfg.model_type]],
         model_type=cfg.model_type,

@@ -2,6 +2,7 @@
 recurrent (forward and gradients); decoding steps = recurrent; packed documents = separate runs."""
 
 import functools
+import itertools
 from functools import partial
 
 import jax
@@ -16,29 +17,32 @@ from qwenjax.ops.delta_rule import delta_rule_chunked, delta_rule_recurrent, del
 ARGNAMES = ("q", "k", "v", "g", "beta", "initial_state")
 
 
-def _inputs(B, T, Hk, H, Dk, Dv, seed=0, state_scale=1.0):
+def _inputs(B, T, Hk, H, Dk, Dv, seed=0, gate_spread=1.0):
     """Realistic gates: g = -A * softplus(a + dt_bias) with A spread over heads like the HF init
-    range (0.01..16), beta = sigmoid(b); q, k raw projections (normalised in the kernel)."""
+    range (0.01..16), beta = sigmoid(b); q, k raw projections (normalised in the kernel). A wide
+    `gate_spread` makes selective gates: near-zero decays right after very strong ones, which
+    the in-chunk decay sums must not lose to fp32 cancellation."""
     rng = np.random.default_rng(seed)
-    f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
     A = np.exp(np.linspace(np.log(0.01), np.log(16.0), H))
-    g = -A * np.logaddexp(0.0, rng.normal(size=(B, T, H)) + 1.0)
-    return dict(
-        q=f32(rng.normal(size=(B, T, Hk, Dk))),
-        k=f32(rng.normal(size=(B, T, Hk, Dk))),
-        v=f32(rng.normal(size=(B, T, H, Dv))),
-        g=f32(g),
-        beta=f32(1.0 / (1.0 + np.exp(-rng.normal(size=(B, T, H))))),
-        initial_state=f32(state_scale * rng.normal(size=(B, H, Dk, Dv))),
-    )
+    g = -A * np.logaddexp(0.0, gate_spread * rng.normal(size=(B, T, H)) + 1.0)
+    x = {
+        "q": rng.normal(size=(B, T, Hk, Dk)),
+        "k": rng.normal(size=(B, T, Hk, Dk)),
+        "v": rng.normal(size=(B, T, H, Dv)),
+        "g": g,
+        "beta": 1.0 / (1.0 + np.exp(-rng.normal(size=(B, T, H)))),
+        "initial_state": rng.normal(size=(B, H, Dk, Dv)),
+    }
+    return {n: jnp.asarray(a, jnp.float32) for n, a in x.items()}
 
 
 def _cotangents(x, seed=1):
     """Random weights for a scalar loss over (out, final_state)."""
-    B, T, H, Dv = x["v"].shape
-    Dk = x["k"].shape[-1]
-    k1, k2 = jax.random.split(jax.random.key(seed))
-    return jax.random.normal(k1, (B, T, H, Dv)), jax.random.normal(k2, (B, H, Dk, Dv))
+    rng = np.random.default_rng(seed)
+    return (
+        jnp.asarray(rng.normal(size=x["v"].shape), jnp.float32),
+        jnp.asarray(rng.normal(size=x["initial_state"].shape), jnp.float32),
+    )
 
 
 def _value_and_grad(fn, x, cot):
@@ -51,12 +55,12 @@ def _value_and_grad(fn, x, cot):
 
 
 def _maxdiff(a, b):
-    return float(jnp.max(jnp.abs(jnp.asarray(a, jnp.float32) - jnp.asarray(b, jnp.float32))))
+    return float(np.max(np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32))))
 
 
 def _assert_grads_close(g1, g2, tol):
     for name in ARGNAMES:
-        scale = max(1.0, float(jnp.max(jnp.abs(g2[name]))))
+        scale = max(1.0, float(np.max(np.abs(g2[name]))))
         assert _maxdiff(g1[name], g2[name]) <= tol * scale, name
 
 
@@ -69,8 +73,10 @@ def test_matches_transformers(T, C, Hk, H, Dk, Dv, l2):
     if not l2:  # without in-kernel normalisation keep |k| ~ 1 so the recurrence stays stable
         x["k"] = x["k"] * Dk**-0.5
     t = {n: torch.from_numpy(np.asarray(a)) for n, a in x.items()}
-    kw = dict(output_final_state=True, use_qk_l2norm_in_kernel=l2)
-    ref_rec = hf.torch_recurrent_gated_delta_rule(*(t[n] for n in ARGNAMES[:5]), initial_state=t["initial_state"], **kw)
+    kw = {"output_final_state": True, "use_qk_l2norm_in_kernel": l2}
+    ref_rec = hf.torch_recurrent_gated_delta_rule(
+        *(t[n] for n in ARGNAMES[:5]), initial_state=t["initial_state"], **kw
+    )
     ref_chunk = hf.torch_chunk_gated_delta_rule(
         *(t[n] for n in ARGNAMES[:5]), chunk_size=C, initial_state=t["initial_state"], **kw
     )
@@ -84,7 +90,7 @@ def test_matches_transformers(T, C, Hk, H, Dk, Dv, l2):
 
 @functools.cache
 def _recurrent_reference():
-    x = _inputs(2, 130, 2, 4, 16, 8, seed=2)
+    x = _inputs(2, 130, 2, 4, 16, 8, seed=2, gate_spread=4.0)
     return x, _value_and_grad(delta_rule_recurrent, x, _cotangents(x))
 
 
@@ -92,7 +98,9 @@ def _recurrent_reference():
 def test_chunked_matches_recurrent_forward_and_grads(C):
     """From a non-zero state; T = 130 pads the last chunk, which must not change the state."""
     x, (out_r, st_r, gr_r) = _recurrent_reference()
-    out_c, st_c, gr_c = _value_and_grad(partial(delta_rule_chunked, chunk_size=C), x, _cotangents(x))
+    out_c, st_c, gr_c = _value_and_grad(
+        partial(delta_rule_chunked, chunk_size=C), x, _cotangents(x)
+    )
     assert _maxdiff(out_c, out_r) <= 1e-5
     assert _maxdiff(st_c, st_r) <= 1e-5
     _assert_grads_close(gr_c, gr_r, 1e-4)
@@ -114,7 +122,10 @@ def test_decode_steps_continue_a_chunked_prefill():
 
 
 def test_bf16_inputs_give_bf16_output_and_fp32_state():
-    x = {n: (a.astype(jnp.bfloat16) if n != "initial_state" else a) for n, a in _inputs(1, 40, 2, 2, 16, 8).items()}
+    x = {
+        n: (a.astype(jnp.bfloat16) if n != "initial_state" else a)
+        for n, a in _inputs(1, 40, 2, 2, 16, 8).items()
+    }
     ref_out, ref_state = delta_rule_recurrent(**{n: a.astype(jnp.float32) for n, a in x.items()})
     out, state = jax.jit(partial(delta_rule_chunked, chunk_size=16))(**x)
     assert out.dtype == jnp.bfloat16 and state.dtype == jnp.float32
@@ -142,7 +153,7 @@ def _separately(q, k, v, g, beta, initial_state):
     """Each document on its own from a zero state (a row's first from initial_state): documents
     become rows of one batch, right-padded with inert tokens (k = v = g = beta = 0 leave the
     state as it is), run by the plain recurrent form, and scattered back."""
-    docs = [(b, lo, hi) for b, cuts in enumerate(_DOCS) for lo, hi in zip(cuts[:-1], cuts[1:])]
+    docs = [(b, lo, hi) for b, cuts in enumerate(_DOCS) for lo, hi in itertools.pairwise(cuts)]
     L = max(hi - lo for _, lo, hi in docs)
     rows = np.array([b for b, _, _ in docs])
     pos = np.array([[min(lo + j, hi - 1) for j in range(L)] for _, lo, hi in docs])
@@ -164,7 +175,7 @@ def _separately(q, k, v, g, beta, initial_state):
 
 @functools.cache
 def _separate_reference():
-    x = _inputs(2, 130, 2, 2, 16, 8, seed=5)
+    x = _inputs(2, 130, 2, 2, 16, 8, seed=5, gate_spread=4.0)
     return x, _value_and_grad(_separately, x, _cotangents(x))
 
 
@@ -182,11 +193,3 @@ def test_packed_documents_equal_separate_runs(form):
     assert _maxdiff(out_p, out_s) <= 1e-5
     assert _maxdiff(st_p, st_s) <= 1e-5
     _assert_grads_close(gr_p, gr_s, 1e-4)
-
-
-def test_no_document_boundary_is_the_same_as_no_segment_ids():
-    x = _inputs(1, 40, 2, 2, 16, 8, seed=6)
-    seg = jnp.full((1, 40), 3, jnp.int32)
-    fn = jax.jit(partial(delta_rule_chunked, chunk_size=16))
-    a, b = fn(**x), fn(**x, segment_ids=seg)
-    assert _maxdiff(a[0], b[0]) == 0.0 and _maxdiff(a[1], b[1]) == 0.0

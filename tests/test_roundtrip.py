@@ -12,7 +12,7 @@ import hf_models
 import qwenjax
 from qwenjax.hf.safetensors_io import index_checkpoint, read_tensor
 
-ROUND_TRIP = [hf_models.all_cases()[i] for i in (0, 4, 6, 9)]  # one of each family
+ROUND_TRIP = [hf_models.all_cases()[i] for i in (0, 4, 6, 9, 12, 16, 20)]  # one per family
 
 
 def _same_tensors(a_dir, b_dir):
@@ -81,3 +81,68 @@ def test_fused_expert_checkpoint_equals_per_expert(tmp_path):
     a, b = qwenjax.from_pretrained(src), qwenjax.from_pretrained(fused)
     ids = jnp.asarray(hf_models.batch(hf.config.vocab_size, 2, 29)[0])
     assert float(jnp.abs(a(ids) - b(ids)).max()) == 0.0
+
+
+def test_multimodal_hub_layout_with_fused_experts_and_carried_tensors(tmp_path):
+    """The Qwen3.5 Hub layout: wrapper config with text_config, language model under
+    model.language_model., fused experts, plus model.visual.* and mtp.* tensors. It imports to
+    the same model as its flat twin and exports bit-identically, carried tensors included, also
+    through an Orbax parameter checkpoint (import-hf / export-hf)."""
+    import ml_dtypes
+
+    from qwenjax.hf.safetensors_io import PlannedTensor, write_shard
+    from qwenjax.train.checkpoint import load_params, save_params
+
+    name, over = hf_models.CASES["qwen3_5_moe_text"][0]
+    hf = hf_models.build("qwen3_5_moe_text", over)
+    flat = hf_models.save(hf, tmp_path / "flat")
+    infos = index_checkpoint(flat)
+    E = hf.config.num_experts
+    tensors = {}
+    for n, i in infos.items():
+        if ".experts." in n:
+            continue
+        tensors[n.replace("model.", "model.language_model.", 1) if n.startswith("model.") else n] = read_tensor(i)
+    for layer in range(hf.config.num_hidden_layers):
+        p = f"model.layers.{layer}.mlp.experts."
+        get = lambda e, w: read_tensor(infos[f"{p}{e}.{w}.weight"])  # noqa: E731
+        q = f"model.language_model.layers.{layer}.mlp.experts."
+        tensors[q + "gate_up_proj"] = np.stack(
+            [np.concatenate([get(e, "gate_proj"), get(e, "up_proj")]) for e in range(E)])
+        tensors[q + "down_proj"] = np.stack([get(e, "down_proj") for e in range(E)])
+    rng = np.random.default_rng(0)
+    tensors["model.visual.patch_embed.proj.weight"] = rng.standard_normal((8, 3, 2, 2)).astype(ml_dtypes.bfloat16)
+    tensors["mtp.fc.weight"] = rng.standard_normal((64, 128)).astype(np.float32)
+    text_config = json.loads((tmp_path / "flat" / "config.json").read_text())
+    text_config["mtp_num_hidden_layers"] = 1
+    wrapper = {"model_type": "qwen3_5_moe", "architectures": ["Qwen3_5MoeForConditionalGeneration"],
+               "text_config": text_config, "vision_config": {"depth": 1, "hidden_size": 8},
+               "image_token_id": 248056, "tie_word_embeddings": False}
+    hub = tmp_path / "hub"
+    hub.mkdir()
+    (hub / "config.json").write_text(json.dumps(wrapper))
+    names = sorted(tensors)
+    write_shard(hub / "model.safetensors", [PlannedTensor(n, tensors[n].shape, tensors[n].dtype)
+                                            for n in names], (tensors[n] for n in names))
+
+    model = qwenjax.from_pretrained(hub)
+    twin = qwenjax.from_pretrained(flat)
+    ids = jnp.asarray(hf_models.batch(hf.config.vocab_size, 2, 29)[0])
+    assert float(jnp.abs(model(ids) - twin(ids)).max()) == 0.0
+
+    out = qwenjax.save_pretrained(model, tmp_path / "out")
+    exported = json.loads((out / "config.json").read_text())
+    assert exported["model_type"] == "qwen3_5_moe" and exported["vision_config"]["depth"] == 1
+    assert exported["text_config"]["mtp_num_hidden_layers"] == 1
+    # Same names (experts fused, as the source had them), shapes and bytes.
+    _same_tensors(hub, out)
+    a = index_checkpoint(hub)
+    again = qwenjax.from_pretrained(out)
+    assert float(jnp.abs(again(ids) - model(ids)).max()) == 0.0
+
+    save_params(model, tmp_path / "ckpt")
+    restored = load_params(tmp_path / "ckpt")
+    out2 = qwenjax.save_pretrained(restored, tmp_path / "out2")
+    c = index_checkpoint(out2)
+    for n in ("model.visual.patch_embed.proj.weight", "mtp.fc.weight"):
+        assert read_tensor(c[n]).tobytes() == read_tensor(a[n]).tobytes()

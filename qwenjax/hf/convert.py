@@ -7,8 +7,8 @@ in-place update. Host memory holds the parameters (on CPU, device memory is host
 most two copies of one tensor. Every name and shape is checked against the table before the
 first byte of tensor data is read, so a bad checkpoint fails fast with every bad tensor named.
 
-Export: each HF tensor is gathered from its parameter slice, laid out for HF and written to a
-safetensors shard in a temporary directory beside the target, renamed into place at the end.
+Export: each HF tensor is gathered from its parameter slice, laid out for HF (experts fused or
+per-expert, as the imported source had them) and written to a safetensors shard in a temporary directory beside the target, renamed into place at the end.
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from qwenjax.atomic import atomic_dir
-from qwenjax.config import ModelConfig
+from qwenjax.config import FUSED_EXPERTS_KEY, WRAPPER_KEY, ModelConfig
 from qwenjax.errors import ConfigError, ConversionError
-from qwenjax.hf.names import TensorMap, tensor_table, uses_fused_experts
+from qwenjax.hf.names import TensorMap, passthrough_prefixes, tensor_table, uses_fused_experts
 from qwenjax.hf.safetensors_io import (
     PlannedTensor, TensorInfo, index_checkpoint, plan_shards, read_tensor, write_shard,
 )
@@ -51,15 +51,21 @@ def read_hf_config(hf_dir: Path) -> dict:
         raise ConversionError(f"{path}: not valid JSON ({e})") from None
 
 
-def check_tensors(table: list[TensorMap], infos: dict[str, TensorInfo], cfg: ModelConfig) -> list[str]:
+def check_tensors(
+    table: list[TensorMap], infos: dict[str, TensorInfo], cfg: ModelConfig
+) -> list[TensorInfo]:
     """Raise ConversionError naming every missing, unexpected or mis-shaped tensor.
 
-    Returns the names present but deliberately ignored (a redundant tied `lm_head.weight`).
+    Returns the tensors to carry through unchanged (`mtp.*`, `model.visual.*`). A redundant tied
+    `lm_head.weight` is ignored.
     """
     expected = {t.hf_name: t for t in table}
     ignored = ["lm_head.weight"] if cfg.tie_word_embeddings and "lm_head.weight" in infos else []
+    carried = sorted(
+        n for n in set(infos) - set(expected) if n.startswith(passthrough_prefixes(cfg))
+    )
     missing = sorted(set(expected) - set(infos))
-    unexpected = sorted(set(infos) - set(expected) - set(ignored))
+    unexpected = sorted(set(infos) - set(expected) - set(ignored) - set(carried))
     misshaped = [
         f"{n} {list(infos[n].shape)} (expected {list(t.hf_shape)})"
         for n, t in expected.items()
@@ -74,7 +80,7 @@ def check_tensors(table: list[TensorMap], infos: dict[str, TensorInfo], cfg: Mod
         problems.append(f"mis-shaped tensors: {', '.join(misshaped)}")
     if problems:
         raise ConversionError("; ".join(problems))
-    return ignored
+    return [infos[n] for n in carried]
 
 
 def _slice_sharding(sharding, n_index: int):
@@ -116,8 +122,10 @@ def from_pretrained(
     except ConfigError as e:
         raise ConversionError(f"{hf_dir}: {e}") from None
     infos = index_checkpoint(hf_dir)
+    if uses_fused_experts(infos):
+        cfg = cfg.replace(hf_extra=json.dumps({**cfg.extra, FUSED_EXPERTS_KEY: True}, sort_keys=True))
     table = tensor_table(cfg, fused_experts=uses_fused_experts(infos))
-    check_tensors(table, infos, cfg)
+    carried = check_tensors(table, infos, cfg)
 
     graphdef, state = abstract_model(cfg)
     variables = dict(nnx.to_flat_state(state))
@@ -150,7 +158,9 @@ def from_pretrained(
         print(file=sys.stderr)
     for path, var in variables.items():
         var.set_value(buffers[path])
-    return nnx.merge(graphdef, nnx.from_flat_state(list(variables.items())))
+    model = nnx.merge(graphdef, nnx.from_flat_state(list(variables.items())))
+    model.hf_passthrough = tuple(carried)
+    return model
 
 
 def parse_size(size: int | str) -> int:
@@ -167,6 +177,7 @@ def parse_size(size: int | str) -> int:
 def export_dtype(cfg: ModelConfig, dtype: str | None) -> str:
     """The dtype to write: as asked, else the one the source checkpoint was stored in."""
     extra = cfg.extra
+    extra = {**extra.get(WRAPPER_KEY, {}), **extra}
     name = dtype or extra.get("dtype") or extra.get("torch_dtype") or cfg.param_dtype
     if name not in NP_DTYPES:
         raise ConfigError(f"export dtype {name!r} is not one of {sorted(NP_DTYPES)}")
@@ -186,15 +197,19 @@ def save_pretrained(
     out_dir = Path(out_dir)
     name = export_dtype(cfg, dtype)
     np_dtype = NP_DTYPES[name]
-    table = tensor_table(cfg, fused_experts=False)
+    table = tensor_table(cfg, fused_experts=bool(cfg.extra.get(FUSED_EXPERTS_KEY)))
     params = {p: v.get_value() for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-    shards = plan_shards(
-        [PlannedTensor(t.hf_name, t.hf_shape, np_dtype) for t in table], parse_size(max_shard_size)
-    )
+    carried = {info.name: info for info in getattr(model, "hf_passthrough", ())}
+    planned = [PlannedTensor(t.hf_name, t.hf_shape, np_dtype) for t in table]
+    planned += [PlannedTensor(n, i.shape, i.dtype) for n, i in carried.items()]  # own dtype
+    shards = plan_shards(planned, parse_size(max_shard_size))
     by_name = {t.hf_name: t for t in table}
 
     def arrays(shard):
         for planned in shard:
+            if planned.name in carried:
+                yield read_tensor(carried[planned.name])
+                continue
             entry = by_name[planned.name]
             slices = [np.asarray(params[t.param][t.index]) for t in entry.targets]
             yield entry.to_hf(*slices)

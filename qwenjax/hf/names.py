@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from qwenjax.config import ModelConfig
+from qwenjax.config import WRAPPER_KEY, ModelConfig
 from qwenjax.model.transformer import layer_location, stack_plan
 
 Path = tuple  # a flat nnx parameter path, e.g. ("stacks", 0, "block", "layers", 1, "attn", "q_kernel")
@@ -117,15 +117,30 @@ def _split(path: str) -> tuple:
     return tuple(path.split("."))
 
 
+def model_prefix(cfg: ModelConfig) -> str:
+    """Where the language model's tensors live: under a multimodal wrapper or at the top."""
+    return "model.language_model." if WRAPPER_KEY in cfg.extra else "model."
+
+
+def passthrough_prefixes(cfg: ModelConfig) -> tuple[str, ...]:
+    """Tensors we carry through unchanged: multi-token-prediction heads, the vision tower."""
+    extra = cfg.extra
+    prefixes = ["mtp."] if extra.get("mtp_num_hidden_layers") else []
+    if WRAPPER_KEY in extra:
+        prefixes.append("model.visual.")
+    return tuple(prefixes)
+
+
 def tensor_table(cfg: ModelConfig, *, fused_experts: bool = False) -> list[TensorMap]:
     """Every tensor of an HF checkpoint of `cfg`, in Hub order (embed, layers, norm, head)."""
     D, V = cfg.hidden_size, cfg.vocab_size
-    table = [_simple("model.embed_tokens.weight", ("embed",), (), _identity((V, D)))]
+    prefix = model_prefix(cfg)
+    table = [_simple(prefix + "embed_tokens.weight", ("embed",), (), _identity((V, D)))]
     plan = stack_plan(cfg.layer_kinds)
     for i, (attn_type, mlp_type) in enumerate(cfg.layer_kinds):
         s, r, j = layer_location(plan, i)
         base = ("stacks", s, "block", "layers", j)
-        hf = f"model.layers.{i}."
+        hf = f"{prefix}layers.{i}."
         rows = _norm_entries(cfg)
         if attn_type == "full_attention":
             rows += _attention_entries(cfg)
@@ -145,7 +160,7 @@ def tensor_table(cfg: ModelConfig, *, fused_experts: bool = False) -> list[Tenso
         table += [_simple(hf + name, base + _split(ours), (r,), lay) for name, ours, lay in rows]
         if mlp_type == "moe":
             table += _expert_entries(cfg, hf, base, r, fused_experts)
-    table.append(_simple("model.norm.weight", ("final_norm", "weight"), (), _identity((D,))))
+    table.append(_simple(prefix + "norm.weight", ("final_norm", "weight"), (), _identity((D,))))
     if not cfg.tie_word_embeddings:
         table.append(_simple("lm_head.weight", ("lm_head",), (), _linear((V, D))))
     return table

@@ -16,11 +16,13 @@ Everything inside runs in fp32 (gates, cumulative decays, the UT solve, the stat
 cast to v's dtype. Matmul precision follows `jax_default_matmul_precision` (set "highest" on TPU
 for fp32 parity; CPU is exact fp32 either way).
 
-Chunked form, per chunk with cumulative log-decay c_i = sum_{j<=i} g_j and Gamma_ij = exp(c_i - c_j)
-for j <= i: solve (I + strict_lower(diag(beta) K K^T * Gamma)) [U | W] = [diag(beta) V |
-diag(beta exp(c)) K] once for all chunks (vectorised), then scan over chunks carrying S:
-V' = U - W S, O = diag(exp(c)) Q S + (Q K^T * Gamma) V', S <- exp(c_C) S + (diag(exp(c_C - c)) K)^T V'.
-Decays only ever appear as exp of a difference of in-chunk cumulative sums that is <= 0, so
+Chunked form, per chunk: c_i = sum_{t<=i} g_t (log-decay from the chunk start) and
+Gamma_ij = exp(sum_{j<t<=i} g_t) for j <= i (summed directly, not as c_i - c_j, which cancels
+catastrophically in fp32 once c reaches -1e3). For all chunks at once (vectorised):
+[U | W] = (I + strict_lower(diag(beta) K K^T * Gamma))^-1 [diag(beta) V | diag(beta exp(c)) K],
+the UT inverse built from batched matmuls (`invert_unit_lower`); then a `lax.scan` over chunks
+carries S: V' = U - W S, O = diag(exp(c)) Q S + (Q K^T * Gamma) V',
+S <- exp(c_C) S + (diag(Gamma_Ci) K)^T V'. Every decay is the exp of a sum of gates <= 0, so
 nothing overflows and no large-negative-number masks are needed.
 
 Packed documents: `segment_ids` [B,T]; token t starts a new document iff t > 0 and its id differs
@@ -63,7 +65,9 @@ def _initial_state(initial_state, B, H, Dk, Dv):
     if initial_state is None:
         return jnp.zeros((B, H, Dk, Dv), F32)
     if initial_state.shape != (B, H, Dk, Dv):
-        raise ValueError(f"initial_state has shape {initial_state.shape}, expected {(B, H, Dk, Dv)}")
+        raise ValueError(
+            f"initial_state has shape {initial_state.shape}, expected {(B, H, Dk, Dv)}"
+        )
     return initial_state.astype(F32)
 
 
@@ -129,16 +133,29 @@ def _chunks(x, C):
     return jnp.moveaxis(x, 3, 1)
 
 
+def _segsum(g):
+    """g [..., C] -> [..., C, C]: sum of g over (j, i] where j <= i, else 0. Summed directly, not
+    as cum_i - cum_j, which in fp32 loses the small gates after a large one (the chunk's cumsum
+    may reach -1e3 while a slow head's gates are -1e-2)."""
+    C = g.shape[-1]
+    x = jnp.where(
+        jnp.tril(jnp.ones((C, C), bool), -1), g[..., :, None], 0.0
+    )  # x[i, j] = g_i, i > j
+    return jnp.cumsum(x, axis=-2)
+
+
 def _masked_exp(mask, x):
     """exp(x) where mask, else 0; gradients stay finite where x is masked."""
     return jnp.where(mask, jnp.exp(jnp.where(mask, x, 0.0)), 0.0)
 
 
+@jax.custom_vjp
 def invert_unit_lower(L):
     """Inverse of unit lower-triangular L [..., C, C], with batched matmuls only (no triangular
     solve: XLA:CPU's batched one is 5-50x slower than these matmuls). Doubles the inverted
     diagonal blocks, [[A, 0], [X, D]]^-1 = [[A^-1, 0], [-D^-1 X A^-1, D^-1]], from 1x1 blocks up
-    to the next power of two >= C (padded with identity); about (2/3) C^3 multiply-adds."""
+    to the next power of two >= C (padded with identity): about (2/3) C^3 FLOPs. Its VJP is
+    dL = -L^-T dInv L^-T on the strictly lower triangle (the only free entries)."""
     *batch, C, _ = L.shape
     P = 1 << (C - 1).bit_length()
     if P != C:
@@ -156,6 +173,19 @@ def invert_unit_lower(L):
         inv = jnp.concatenate([top, jnp.concatenate([low, d_inv], axis=-1)], axis=-2)
         s *= 2
     return inv[..., 0, :C, :C]
+
+
+def _invert_fwd(L):
+    inv = invert_unit_lower(L)
+    return inv, inv
+
+
+def _invert_bwd(inv, d_inv):
+    inv_t = jnp.swapaxes(inv, -1, -2)
+    return (-jnp.tril(inv_t @ d_inv @ inv_t, -1),)
+
+
+invert_unit_lower.defvjp(_invert_fwd, _invert_bwd)
 
 
 def delta_rule_chunked(
@@ -181,9 +211,10 @@ def delta_rule_chunked(
     Dk = k.shape[-1]
     S0 = _initial_state(initial_state, B, H, Dk, Dv)
     pad = -T % C
-    tpad = lambda x, value=0: jnp.pad(  # noqa: E731
-        x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=value
-    )
+
+    def tpad(x):  # [B,T,...] -> [B,T+pad,...] with zeros (False)
+        return jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+
     q, k, v, g, beta = (tpad(x.astype(F32)) for x in (q, k, v, g, beta))
     q, k, v = (_chunks(x, C) for x in (q, k, v))  # [B,H,N,C,D]
     g, beta = (_chunks(x, C) for x in (g, beta))  # [B,H,N,C]
@@ -195,7 +226,7 @@ def delta_rule_chunked(
         reads_carry = jnp.ones((C,), bool)  # token reads the state carried into its chunk
         same_as_last = jnp.ones((C,), bool)  # token belongs to the chunk's last document
     else:
-        starts = tpad(document_starts(segment_ids))  # padding continues the last document
+        starts = tpad(document_starts(segment_ids))  # False: padding continues the last document
         doc = jnp.cumsum(starts.reshape(B, N, C), axis=-1)  # in-chunk document index [B,N,C]
         same = causal & (doc[..., :, None] == doc[..., None, :])  # [B,N,C,C]
         same = same[:, None]  # [B,1,N,C,C]
@@ -203,18 +234,18 @@ def delta_rule_chunked(
         same_as_last = (doc == doc[..., -1:])[:, None]
     strict = same & ~jnp.eye(C, dtype=bool)
 
-    cum = jnp.cumsum(g, axis=-1)  # [B,H,N,C] log of the decay from chunk start through token i
-    diff = cum[..., :, None] - cum[..., None, :]  # [B,H,N,C,C]
+    cum = jnp.cumsum(g, axis=-1)  # [B,H,N,C] log-decay from chunk start through token i
+    seg = _segsum(g)  # [B,H,N,C,C] log-decay over (j, i]
     k_beta = k * beta[..., None]
     kk = jnp.einsum("bhnik,bhnjk->bhnij", k_beta, k)
-    ut = jnp.eye(C, dtype=F32) + kk * _masked_exp(strict, diff)  # unit lower triangular
-    attn = jnp.einsum("bhnik,bhnjk->bhnij", q, k) * _masked_exp(same, diff)
-    carry_decay = _masked_exp(reads_carry, cum)  # [B,H,N,C] decay from chunk start
+    ut = jnp.eye(C, dtype=F32) + kk * _masked_exp(strict, seg)  # unit lower triangular
+    attn = jnp.einsum("bhnik,bhnjk->bhnij", q, k) * _masked_exp(same, seg)
+    carry_decay = _masked_exp(reads_carry, cum)  # [B,H,N,C]
     rhs = jnp.concatenate([v * beta[..., None], k_beta * carry_decay[..., None]], axis=-1)
     sol = jnp.einsum("bhnij,bhnjd->bhnid", invert_unit_lower(ut), rhs)
     u, w = sol[..., :Dv], sol[..., Dv:]  # [B,H,N,C,Dv], [B,H,N,C,Dk]
     q_carry = q * carry_decay[..., None]
-    k_out = k * _masked_exp(same_as_last, cum[..., -1:] - cum)[..., None]  # decay to chunk end
+    k_out = k * _masked_exp(same_as_last, seg[..., -1, :])[..., None]  # decay to chunk end
     chunk_decay = _masked_exp(reads_carry[..., -1], cum[..., -1])  # [B,H,N]
 
     def step(S, x):

@@ -3,6 +3,7 @@
 Layout of a parameter checkpoint directory:
     model_config.json   the ModelConfig (architecture + dtypes + carried HF keys)
     params/             Orbax StandardCheckpointer tree of the nnx.Param state (pure dict)
+    passthrough.safetensors   HF tensors carried unchanged (mtp.*, model.visual.*), if any
 Restoring places every array straight into its sharding on the given mesh.
 """
 
@@ -20,17 +21,24 @@ from jax.sharding import Mesh
 from qwenjax.atomic import atomic_dir
 from qwenjax.config import ModelConfig
 from qwenjax.errors import CheckpointError, ConfigError
+from qwenjax.hf.safetensors_io import PlannedTensor, read_header, read_tensor, write_shard
 from qwenjax.model.partition import abstract_model, variable_sharding
 from qwenjax.model.transformer import CausalLM
 
 CONFIG_FILE = "model_config.json"
+PASSTHROUGH_FILE = "passthrough.safetensors"
 
 
 def save_params(model: CausalLM, ckpt_dir: str | os.PathLike) -> Path:
     ckpt_dir = Path(ckpt_dir)
     state = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    carried = getattr(model, "hf_passthrough", ())
     with atomic_dir(ckpt_dir) as tmp:
         (tmp / CONFIG_FILE).write_text(json.dumps(model.config.to_dict(), indent=2))
+        if carried:  # tensors carried through unchanged (mtp.*, model.visual.*), streamed
+            write_shard(tmp / PASSTHROUGH_FILE,
+                        [PlannedTensor(i.name, i.shape, i.dtype) for i in carried],
+                        (read_tensor(i) for i in carried))
         with ocp.StandardCheckpointer() as ckptr:
             ckptr.save(tmp.resolve() / "params", state)
             ckptr.wait_until_finished()
@@ -74,7 +82,12 @@ def load_params(
     except Exception as e:  # orbax raises many kinds for a damaged directory
         raise CheckpointError(f"{path}: cannot restore parameters ({type(e).__name__}: {e})") from None
     nnx.replace_by_pure_dict(state, restored)
-    return nnx.merge(graphdef, state)
+    model = nnx.merge(graphdef, state)
+    carried = ckpt_dir / PASSTHROUGH_FILE
+    model.hf_passthrough = (
+        tuple(sorted(read_header(carried)[0].values(), key=lambda i: i.name)) if carried.exists() else ()
+    )
+    return model
 
 
 # ---- training-run checkpoints -------------------------------------------------------------------
