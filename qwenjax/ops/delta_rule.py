@@ -74,7 +74,8 @@ def _initial_state(initial_state, B, H, Dk, Dv):
 def document_starts(segment_ids):
     """[B,T] int -> bool [B,T]: True where a new document starts (never at t = 0)."""
     change = segment_ids[:, 1:] != segment_ids[:, :-1]
-    return jnp.concatenate([jnp.zeros_like(change[:, :1]), change], axis=1)
+    first = jnp.zeros((segment_ids.shape[0], 1), bool)  # also right for T = 1
+    return jnp.concatenate([first, change], axis=1)
 
 
 # ---- recurrent reference and decoding step ----------------------------------------------------
