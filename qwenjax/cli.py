@@ -76,7 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. steps=50")
     p.add_argument("--run-dir", help="where config, metrics, checkpoints go (default runs/NAME)")
     p.add_argument("--distributed", action="store_true",
-                   help="call jax.distributed.initialize() (multi-host; reads the usual env vars)")
+                   help="multi-host: jax.distributed.initialize() (on TPU VMs it finds its peers)")
+    p.add_argument("--coordinator", help="HOST:PORT of process 0 (off TPU, e.g. 127.0.0.1:4321)")
+    p.add_argument("--num-processes", type=int)
+    p.add_argument("--process-id", type=int)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("import-hf", help="Hugging Face directory -> Orbax parameter checkpoint")
@@ -105,7 +108,10 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "distributed", False):
             import jax
 
-            jax.distributed.initialize()
+            jax.distributed.initialize(
+                coordinator_address=args.coordinator, num_processes=args.num_processes,
+                process_id=args.process_id,
+            )
         args.func(args)
     except QwenJaxError as e:
         print(f"qwenjax: error: {e}", file=sys.stderr)

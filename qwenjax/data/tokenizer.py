@@ -56,9 +56,11 @@ class HFTokenizer:
     """
 
     def __init__(
-        self, backend: tokenizers.Tokenizer, *, eos_token: str, pad_token: str | None = None
+        self, backend: tokenizers.Tokenizer, *, eos_token: str, pad_token: str | None = None,
+        chat_template: str | None = None,
     ):
         self.backend = backend
+        self.chat_template = chat_template  # Jinja, written to tokenizer_config.json
         self.eos_token = eos_token
         self.pad_token = eos_token if pad_token is None else pad_token
         ids = {t: backend.token_to_id(t) for t in (self.eos_token, self.pad_token)}
@@ -108,6 +110,8 @@ class HFTokenizer:
             "clean_up_tokenization_spaces": False,
             "add_prefix_space": False,
         }
+        if self.chat_template:
+            config["chat_template"] = self.chat_template
         _write_atomic(directory / "tokenizer.json", self.backend.to_str(pretty=True))
         _write_atomic(directory / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")
 
@@ -203,4 +207,6 @@ def load_tokenizer(path: str | os.PathLike) -> HFTokenizer:
             f"{file}: end-of-document token {eos!r} is not in the vocabulary; name one as "
             f"eos_token in {config_file.name}"
         )
-    return HFTokenizer(backend, eos_token=eos, pad_token=pad)
+    template = config.get("chat_template")
+    return HFTokenizer(backend, eos_token=eos, pad_token=pad,
+                       chat_template=template if isinstance(template, str) else None)

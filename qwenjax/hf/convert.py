@@ -191,8 +191,13 @@ def save_pretrained(
     dtype: str | None = None,
     max_shard_size: int | str = "5GB",
     progress: bool = False,
+    generation: dict | None = None,
 ) -> Path:
-    """Write `model` as a Hugging Face directory that `transformers` loads (Hub tensor names)."""
+    """Write `model` as a Hugging Face directory that `transformers` loads (Hub tensor names).
+
+    `generation` (token ids: eos/bos/pad) goes into generation_config.json and config.json; by
+    default the ids carried from the imported checkpoint are used, if any.
+    """
     cfg = model.config
     out_dir = Path(out_dir)
     name = export_dtype(cfg, dtype)
@@ -234,5 +239,17 @@ def save_pretrained(
         hf_config = cfg.to_hf_config()
         hf_config["dtype"] = name
         hf_config.pop("torch_dtype", None)
+        ids = {k: v for k, v in {**_token_ids(cfg), **(generation or {})}.items() if v is not None}
+        hf_config.update(ids)
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True))
+        if ids:
+            gen = {"_from_model_config": True, **ids}
+            (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2, sort_keys=True))
     return out_dir
+
+
+def _token_ids(cfg: ModelConfig) -> dict:
+    """bos/eos/pad token ids carried from the imported checkpoint's config."""
+    extra = cfg.extra
+    extra = {**extra.get(WRAPPER_KEY, {}), **extra}
+    return {k: extra.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}

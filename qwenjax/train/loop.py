@@ -12,6 +12,8 @@ checkpoints/<step>/, hf/ (export).
 
 from __future__ import annotations
 
+import json
+import os
 import signal
 import sys
 import time
@@ -21,6 +23,7 @@ import jax
 import numpy as np
 import yaml
 from absl import logging
+from jax.experimental import multihost_utils
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -45,21 +48,23 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def prepare_run_dir(exp: ExperimentConfig, run_dir: Path) -> None:
-    """Write config.yaml, or check that an existing run directory holds this same experiment."""
+def check_run_dir(exp: ExperimentConfig, run_dir: Path) -> None:
+    """An existing run directory must hold this same experiment (read-only check)."""
+    path = run_dir / "config.yaml"
+    if path.exists() and yaml.safe_load(path.read_text()) != yaml.safe_load(dump_experiment(exp)):
+        raise ConfigError(
+            f"{run_dir} holds a different experiment (its config.yaml differs); "
+            "resume it with its own config or pick a new --run-dir"
+        )
+
+
+def write_run_config(exp: ExperimentConfig, run_dir: Path) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / "config.yaml"
-    text = dump_experiment(exp)
-    if path.exists():
-        if yaml.safe_load(path.read_text()) != yaml.safe_load(text):
-            raise ConfigError(
-                f"{run_dir} holds a different experiment (its config.yaml differs); "
-                "resume it with its own config or pick a new --run-dir"
-            )
-        return
-    tmp = path.with_suffix(".yaml.tmp")
-    tmp.write_text(text)
-    tmp.rename(path)
+    if not path.exists():
+        tmp = path.with_suffix(f".yaml.tmp{os.getpid()}")
+        tmp.write_text(dump_experiment(exp))
+        tmp.rename(path)
 
 
 def _micro_batches(arrays: dict, grad_accum: int, sharding) -> Batch:
@@ -80,9 +85,14 @@ def train(exp: ExperimentConfig, run_dir: str | Path) -> dict:
     if exp.init_from:
         src = read_model_config(exp.init_from)
         cfg = src.replace(dtype=cfg.dtype, param_dtype=cfg.param_dtype, remat=cfg.remat)
-    prepare_run_dir(exp, run_dir)
-
-    tokenizer = build_tokenizer(exp, run_dir)
+    check_run_dir(exp, run_dir)
+    primary = jax.process_index() == 0  # the one process that writes files
+    if primary:
+        write_run_config(exp, run_dir)
+        build_tokenizer(exp, run_dir)  # trains and saves a BPE once
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("qwenjax: run directory ready")
+    tokenizer = build_tokenizer(exp, run_dir)  # loads what the primary saved
     if tokenizer.vocab_size > cfg.vocab_size:
         raise ConfigError(
             f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is {cfg.vocab_size}"
@@ -116,7 +126,13 @@ def train(exp: ExperimentConfig, run_dir: str | Path) -> dict:
     restored = ckpt.restore_latest(abstract, log=log)
     if restored is not None:
         start, state, data_state = restored
-        dataset.set_state(data_state)
+        hosts = data_state.get("hosts", [])
+        if len(hosts) != jax.process_count():
+            raise ConfigError(
+                f"checkpoint step {start} was written by {len(hosts)} processes, this run has "
+                f"{jax.process_count()}; resume with the same number of hosts"
+            )
+        dataset.set_state(hosts[jax.process_index()])
         log(f"resumed from step {start} ({run_dir / 'checkpoints'})")
 
     step_fn = make_train_step(
@@ -126,7 +142,7 @@ def train(exp: ExperimentConfig, run_dir: str | Path) -> dict:
     schedule = learning_rate(exp.optimizer, exp.steps)
     flops_tok = flops_per_token(cfg, exp.data.seq_len)
     peak = measure_peak_flops() * jax.device_count()
-    writer = MetricsWriter(run_dir, exp.steps)
+    writer = MetricsWriter(run_dir, exp.steps) if primary else None
 
     stop = {"signal": None}
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
@@ -152,12 +168,13 @@ def train(exp: ExperimentConfig, run_dir: str | Path) -> dict:
                     metrics = jax.device_get(metrics)
                     metrics.update(lr=float(schedule(step - 1)), tokens_per_s=tps,
                                    mfu=tps * flops_tok / peak, skipped=int(state.skipped))
-                    writer.write(step, metrics, steps_done_this_run=step - start)
+                    if writer is not None:
+                        writer.write(step, metrics, steps_done_this_run=step - start)
                     summary["loss"] = float(metrics["loss"])
                 if step % exp.checkpoint.every == 0 or step == exp.steps:
-                    ckpt.save(step, state, dataset.get_state())
+                    ckpt.save(step, state, all_data_states(dataset))
                 if stop["signal"] is not None:
-                    ckpt.save(step, state, dataset.get_state(), force=True)
+                    ckpt.save(step, state, all_data_states(dataset), force=True)
                     ckpt.wait()
                     log(f"received signal {stop['signal']}: saved step {step}, exiting")
                     summary["preempted_at"] = step
@@ -166,20 +183,45 @@ def train(exp: ExperimentConfig, run_dir: str | Path) -> dict:
         finally:
             signal.signal(signal.SIGTERM, previous)
             ckpt.close()
-            writer.close()
+            if writer is not None:
+                writer.close()
 
-    model = nnx.merge(graphdef, state.params)
-    if exp.export_hf:
+    params = state.params
+    if jax.process_count() > 1:  # every process needs every tensor addressable to write it
+        params = jax.jit(lambda p: p, out_shardings=replicated)(params)
+    model = nnx.merge(graphdef, params)
+    if exp.export_hf and primary:
         from qwenjax.hf.convert import save_pretrained
 
-        out = save_pretrained(model, run_dir / "hf", dtype=exp.param_dtype)
+        ids = {"eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id}
+        out = save_pretrained(model, run_dir / "hf", dtype=exp.param_dtype, generation=ids)
         tokenizer.save(out)
         summary["hf_dir"] = str(out)
         log(f"exported Hugging Face checkpoint to {out}")
-    if exp.sample_tokens:
+    if exp.sample_tokens:  # every process takes part in the computation; all get the same text
         summary["sample"] = sample_text(model, tokenizer, exp.sample_tokens)
         log(f"sample: {summary['sample']!r}")
     return summary
+
+
+def all_data_states(iterator) -> dict:
+    """Every process's data-iterator state (small JSON), gathered so the checkpoint holds all."""
+    local = iterator.get_state()
+    if jax.process_count() == 1:
+        return {"hosts": [local]}
+    raw = np.frombuffer(json.dumps(local).encode(), np.uint8)
+    size = 1 << 16
+    if raw.size > size:
+        raise TrainingError(f"data state of {raw.size} bytes exceeds {size}")
+    buf = np.zeros(size + 8, np.uint8)
+    buf[:8] = np.frombuffer(np.int64(raw.size).tobytes(), np.uint8)
+    buf[8:8 + raw.size] = raw
+    gathered = np.asarray(multihost_utils.process_allgather(buf))  # [processes, size + 8]
+    states = []
+    for row in gathered:
+        n = int(np.frombuffer(row[:8].tobytes(), np.int64)[0])
+        states.append(json.loads(row[8:8 + n].tobytes()))
+    return {"hosts": states}
 
 
 def unigram_entropy(iterator, batch: int, vocab_size: int, rows: int = 2048) -> float:
