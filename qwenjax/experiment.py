@@ -117,8 +117,6 @@ class ExperimentConfig:
     z_loss_weight: float = 0.0  # router z-loss
     max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
     log_every: int = 10
-    eval_every: int = 0  # 0 = no eval; else held-out loss every N steps
-    eval_batches: int = 4
     init_from: str = ""  # a parameter checkpoint from `qwenjax import-hf`
     export_hf: bool = True  # write run_dir/hf (HF weights + tokenizer) at the end
     sample_tokens: int = 48  # greedy sample printed at the end; 0 = none

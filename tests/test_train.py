@@ -193,3 +193,53 @@ def test_two_processes_train_and_resume_like_one(reference_run, tmp_path):
     assert max(r["step"] for r in rows) == 10
     for row in rows:
         assert abs(row["loss"] - ref[row["step"]]) <= 1e-5, row["step"]
+
+
+def test_non_finite_steps_are_skipped_and_counted():
+    cfg = qwenjax.load_preset("qwen3-moe-tiny").replace(num_layers=1)
+    graphdef, params = split_model(qwenjax.init_model(cfg))
+    tx = make_optimizer(OptimizerConfig(), 10, params)
+    batch = jax.tree.map(lambda x: x[None], batch_from_tokens(
+        jnp.asarray(np.random.RandomState(0).randint(0, 512, (2, 17)))))
+    poisoned = jax.tree.map(jnp.copy, params)
+    poisoned["final_norm"]["weight"].set_value(jnp.full((cfg.hidden_size,), jnp.nan))
+    state = init_train_state(poisoned, tx)
+    before = jax.tree.map(np.asarray, state.params)
+    step = make_train_step(graphdef, tx, aux_weight=0.0, z_weight=0.0)
+    for expected_bad in (1, 2):
+        state, metrics = step(state, batch)
+        assert not bool(metrics["finite"]) and int(state.bad_steps) == expected_bad
+    assert int(state.skipped) == 2 and int(state.step) == 2
+    same = jax.tree.map(lambda a, b: np.array_equal(np.asarray(a), b, equal_nan=True),
+                        state.params, before)
+    assert all(jax.tree.leaves(same))
+
+
+def test_sigterm_saves_a_checkpoint_the_next_run_resumes(tmp_path):
+    run = tmp_path / "run"
+    sets = ("log_every=1", "steps=12", "checkpoint.every=100")
+    proc = _train(run, *sets, wait=False)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (
+        (run / "metrics.jsonl").exists() and max(_losses(run), default=0) >= 3
+    ):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    saved = int(err.split("saved step ")[1].split(",")[0])
+    assert (run / "checkpoints" / str(saved)).exists()
+    r = _train(run, *sets)
+    assert r.returncode == 0 and f"resumed from step {saved}" in r.stderr
+
+
+def test_launch_tpu_dry_run_and_mesh_check():
+    tool = [sys.executable, str(ROOT / "tools" / "launch_tpu.py"), str(ROOT / "experiments" / "main.yaml"),
+            "--name", "qj", "--zone", "us-east5-a", "--project", "p", "--run-dir", "gs://b/r", "--dry-run"]
+    r = subprocess.run(tool + ["--tpu", "v5p-16"], capture_output=True, text=True)
+    lines = r.stdout.strip().splitlines()
+    assert r.returncode == 0 and len(lines) == 4
+    assert "tpu-vm create qj --accelerator-type v5p-16" in lines[0]
+    assert "--worker=all" in lines[3] and "qwenjax train experiments/main.yaml --distributed" in lines[3]
+    r = subprocess.run(tool + ["--tpu", "v6e-4"], capture_output=True, text=True)
+    assert r.returncode == 2 and "has 8 devices but v6e-4 has 4 chips" in r.stderr

@@ -69,7 +69,11 @@ def commands(args) -> list[list[str]]:
             f"{args.name}:~/qwenjax", *where, "--worker=all"]
     install = "cd ~/qwenjax && python3 -m venv .venv && .venv/bin/pip install -q -e . 'jax[tpu]==0.10.2'"
     sets = " ".join(f"--set {shlex.quote(s)}" for s in (args.set or []))
-    train = (f"cd ~/qwenjax && nohup .venv/bin/qwenjax train {shlex.quote(args.experiment)} "
+    experiment = Path(args.experiment).resolve()
+    if not experiment.is_relative_to(repo):
+        raise QwenJaxError(f"{args.experiment} must be inside the checkout {repo} (it is copied)")
+    remote = experiment.relative_to(repo).as_posix()  # the same file in the copied checkout
+    train = (f"cd ~/qwenjax && nohup .venv/bin/qwenjax train {shlex.quote(remote)} "
              f"--distributed --run-dir {shlex.quote(args.run_dir)} {sets} > train.log 2>&1 &")
     return [create, copy, ssh + ["--command", install], ssh + ["--command", train]]
 
