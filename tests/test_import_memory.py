@@ -1,6 +1,6 @@
 """Host memory of a streaming import stays within
     final parameter bytes + 2 x the largest single tensor + a fixed overhead,
-measured as peak RSS of a fresh subprocess over its RSS just before the import starts."""
+measured as the peak RSS (VmHWM) of a fresh subprocess over its RSS just before the import."""
 
 import json
 import os
@@ -22,14 +22,19 @@ CFG = ModelConfig(  # ~79M parameters, 318 MB in fp32
 )
 
 MEASURE = """
-import json, resource, sys, psutil, jax, jax.numpy as jnp
+import json, sys, psutil, jax, jax.numpy as jnp
 import qwenjax
 jax.block_until_ready(jax.jit(lambda x: x + 1)(jnp.ones(4)))  # runtime up before the baseline
 before = psutil.Process().memory_info().rss
 model = qwenjax.from_pretrained(sys.argv[1])
 jax.block_until_ready(jax.tree.leaves(model))
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-print(json.dumps({"before": before, "peak": peak}))
+# VmHWM, not ru_maxrss: Linux keeps ru_maxrss across exec, so a child forked from a large
+# pytest process would report the parent's peak. VmHWM belongs to this process's own memory.
+peak = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status")
+            if line.startswith("VmHWM:"))
+import os
+print(json.dumps({"before": before, "peak": peak,
+                  "env": {k: v for k, v in os.environ.items() if k.startswith(("JAX", "XLA", "OMP", "MALLOC"))}}))
 """
 
 
@@ -50,11 +55,14 @@ def test_import_peak_rss_is_bounded(tmp_path):
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
     (tmp_path / "config.json").write_text(json.dumps(CFG.to_hf_config()))
 
+    # A clean environment: nothing the rest of the suite set (XLA flags, thread settings) leaks in.
+    env = {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/tmp"),
+           "JAX_PLATFORMS": "cpu", "PYTHONPATH": os.pathsep.join(sys.path)}
     out = subprocess.run([sys.executable, "-c", MEASURE, str(tmp_path)], capture_output=True,
-                         text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"}, check=True)
+                         text=True, env=env, check=True)
     r = json.loads(out.stdout.strip().splitlines()[-1])
     grown = r["peak"] - r["before"]
     bound = total + 2 * largest + FIXED_OVERHEAD
     print(f"import grew RSS by {grown / 2**20:.0f} MiB; bound {bound / 2**20:.0f} MiB "
-          f"(params {total / 2**20:.0f} MiB, largest tensor {largest / 2**20:.0f} MiB)")
+          f"(params {total / 2**20:.0f} MiB, largest tensor {largest / 2**20:.0f} MiB), env {r['env']}")
     assert grown <= bound
