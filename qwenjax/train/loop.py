@@ -141,7 +141,8 @@ def train(exp: ExperimentConfig, run_dir: str | Path) -> dict:
     )
     schedule = learning_rate(exp.optimizer, exp.steps)
     flops_tok = flops_per_token(cfg, exp.data.seq_len)
-    peak = measure_peak_flops() * jax.device_count()
+    # Simulated CPU devices share the host's cores: their peak is one measurement, not N.
+    peak = measure_peak_flops() * (1 if jax.default_backend() == "cpu" else jax.device_count())
     writer = MetricsWriter(run_dir, exp.steps) if primary else None
 
     stop = {"signal": None}

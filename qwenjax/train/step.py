@@ -94,7 +94,7 @@ def make_train_step(
         for k in ("aux_loss", "z_loss", "expert_load_max", "expert_load_min"):
             metrics[k] = metrics[k] / n_micro
         metrics["tokens"] = token_norm
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
