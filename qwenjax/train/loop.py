@@ -146,21 +146,22 @@ def train(exp: ExperimentConfig, run_dir: str | Path) -> dict:
     writer = MetricsWriter(run_dir, exp.steps) if primary else None
 
     stop = {"signal": None}
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
+    previous_handler = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
     summary = {"run_dir": str(run_dir), "start_step": start, "unigram_baseline": baseline}
     log(f"unigram entropy of the training stream: {baseline:.3f} nats/token")
     with activate(mesh, exp.mesh.rules):
         try:
             t_last, step = time.perf_counter(), start
+            pending = None  # (step, its bad-step counter), read one step late
             for step in range(start + 1, exp.steps + 1):
                 arrays = dataset.next_batch(local_batch)
                 state, metrics = step_fn(state, _micro_batches(arrays, exp.grad_accum, batch_sharding))
-                bad = int(state.bad_steps)
-                if bad >= exp.max_bad_steps:
-                    raise TrainingError(
-                        f"{bad} non-finite steps in a row at step {step}; stopping. The newest "
-                        f"checkpoint in {run_dir / 'checkpoints'} is the last good state."
-                    )
+                # Reading this step's counter now would wait for it to finish before the next is
+                # dispatched; the previous step's is ready or nearly so. Skipped steps change
+                # nothing, so stopping one step later loses nothing.
+                if pending is not None:
+                    check_bad_steps(*pending, exp.max_bad_steps, run_dir)
+                pending = (step, metrics["bad_steps"])
                 if step % exp.log_every == 0 or step == exp.steps:
                     now = time.perf_counter()
                     tokens = exp.batch_size * exp.data.seq_len * (step - max(start, step - exp.log_every))
@@ -180,9 +181,11 @@ def train(exp: ExperimentConfig, run_dir: str | Path) -> dict:
                     log(f"received signal {stop['signal']}: saved step {step}, exiting")
                     summary["preempted_at"] = step
                     return summary
+            if pending is not None:
+                check_bad_steps(*pending, exp.max_bad_steps, run_dir)
             summary["final_step"] = step
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            signal.signal(signal.SIGTERM, previous_handler)
             ckpt.close()
             if writer is not None:
                 writer.close()
@@ -203,6 +206,15 @@ def train(exp: ExperimentConfig, run_dir: str | Path) -> dict:
         summary["sample"] = sample_text(model, tokenizer, exp.sample_tokens)
         log(f"sample: {summary['sample']!r}")
     return summary
+
+
+def check_bad_steps(step: int, bad_steps, limit: int, run_dir: Path) -> None:
+    bad = int(bad_steps)
+    if bad >= limit:
+        raise TrainingError(
+            f"{bad} non-finite steps in a row at step {step}; stopping. The newest "
+            f"checkpoint in {run_dir / 'checkpoints'} is the last good state."
+        )
 
 
 def all_data_states(iterator) -> dict:

@@ -106,7 +106,8 @@ def make_train_step(
             bad_steps=jnp.where(finite, 0, state.bad_steps + 1),
             skipped=state.skipped + (~finite).astype(jnp.int32),
         )
-        metrics.update(total_loss=total, grad_norm=grad_norm, finite=finite)
+        metrics.update(total_loss=total, grad_norm=grad_norm, finite=finite,
+                       bad_steps=new_state.bad_steps)  # outside the donated state: readable later
         return new_state, metrics
 
     shardings = {}
