@@ -127,6 +127,9 @@ class ModelConfig:
     param_dtype: str = "float32"
     remat: str = "full"  # layer rematerialisation, one of REMAT_MODES
     attn_block: int = 128  # query/key block of blockwise attention (fastest fwd+bwd on CPU)
+    # 0 = dropless experts; > 0 = each expert takes at most ceil(f * rows / E) rows per device
+    # (the rest are dropped and counted in the `dropped_fraction` metric).
+    moe_capacity_factor: float = 0.0
     # JSON of HF config keys we carry but do not use (token ids, stored dtype, ...).
     hf_extra: str = "{}"
 
@@ -143,6 +146,8 @@ class ModelConfig:
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in DTYPES:
                 raise ConfigError(f"{name} {getattr(self, name)!r} is not one of {DTYPES}")
+        if self.moe_capacity_factor < 0:
+            raise ConfigError(f"moe_capacity_factor must be >= 0, got {self.moe_capacity_factor}")
         if self.num_experts:
             if not 0 < self.num_experts_per_tok <= self.num_experts:
                 raise ConfigError(

@@ -153,6 +153,17 @@ def activate(mesh: Mesh, rules: Mapping | None = None):
         _RULES.reset(token)
 
 
+def current_rules() -> dict:
+    """The axis table made current by `activate` (the default table otherwise)."""
+    return _RULES.get()
+
+
+def current_mesh():
+    """The mesh made current by `activate` (abstract under tracing), or None."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return None if mesh is None or mesh.empty else mesh
+
+
 def constrain(x, axes: Sequence[str | None]):
     mesh = jax.sharding.get_abstract_mesh()
     if mesh is None or mesh.empty:

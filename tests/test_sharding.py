@@ -31,9 +31,10 @@ def test_bad_meshes_and_tables_are_refused():
         logical_to_spec(("embed", "mlp"), rules)
 
 
-@pytest.fixture(scope="module")
-def reference():
-    cfg = qwenjax.load_preset("qwen3-moe-tiny").replace(num_layers=2)
+@pytest.fixture(scope="module", params=["qwen3-moe-tiny", "qwen3.5-moe-tiny"])
+def reference(request):
+    layers = 2 if request.param == "qwen3-moe-tiny" else 4  # Qwen3.5: 3 linear + 1 full
+    cfg = qwenjax.load_preset(request.param).replace(num_layers=layers)
     graphdef, params = split_model(qwenjax.init_model(cfg))
     batch = batch_from_tokens(jnp.asarray(np.random.RandomState(0).randint(0, 512, (8, 41))))
     (loss, _), grads = make_loss_and_grad(graphdef, aux_weight=0.01)(params, batch)

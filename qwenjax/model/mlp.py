@@ -11,7 +11,9 @@ from flax import nnx
 
 from qwenjax.config import ModelConfig
 from qwenjax.model.layers import make_param
+from qwenjax.ops.expert_parallel import expert_parallel_ffn, single_device_mesh
 from qwenjax.ops.moe_dispatch import grouped_ffn, route, router_stats, swiglu
+from qwenjax.sharding import current_mesh, current_rules, fit_spec, logical_to_spec
 
 
 class MLP(nnx.Module):
@@ -49,19 +51,45 @@ class MoE(nnx.Module):
         # Router in fp32 (transformers uses the compute dtype): fewer bf16 routing flips.
         logits = xf.astype(jnp.float32) @ self.router_kernel[...].astype(jnp.float32)  # [N,E]
         weights, experts, probs = route(logits, cfg.num_experts_per_tok, cfg.norm_topk_prob)
-        y = grouped_ffn(
-            xf, weights, experts,
-            c(self.gate_kernel), c(self.up_kernel), c(self.down_kernel),
-        )
+        w = (c(self.gate_kernel), c(self.up_kernel), c(self.down_kernel))
+        y, dropped = self._experts(x, weights, experts, w)
         if cfg.shared_expert_intermediate_size:
             gate = jax.nn.sigmoid(xf @ c(self.shared_gate_kernel))
             y = y + gate * self.shared(xf)
-        stats = router_stats(logits, probs, experts, valid.reshape(-1))
+        stats = router_stats(logits, probs, experts, valid.reshape(-1), dropped)
         return y.reshape(B, T, D), stats
+
+    def _experts(self, x, weights, experts, w):
+        """-> (routed expert output [B*T,D], dropped routed rows). With `expert` > 1 in the
+        current mesh (or in capacity mode) rows travel with all-to-all (`expert_parallel_ffn`);
+        otherwise the dropless grouped FFN runs where the tokens are (GSPMD partitions it)."""
+        B, T, D = x.shape
+        k = weights.shape[-1]
+        capacity = self.cfg.moe_capacity_factor
+        mesh = current_mesh()
+        tokens = None
+        if mesh is not None:
+            spec = fit_spec(logical_to_spec(("batch", "length"), current_rules(), mesh), (B, T), mesh)
+            tokens = tuple(spec) + (None,) * (2 - len(spec))
+            names = [a for e in tokens for a in ((e,) if isinstance(e, str) else e or ())]
+            if mesh.shape["expert"] > 1 and "expert" not in names:
+                if capacity:
+                    raise ValueError(f"capacity mode needs the batch {B}x{T} split over expert")
+                mesh = None  # tokens replicated over experts: let GSPMD partition the FFN
+        elif capacity:
+            mesh, tokens = single_device_mesh(), (None, None)
+        if mesh is None or (mesh.shape["expert"] == 1 and not capacity):
+            xf = x.reshape(B * T, D)
+            return grouped_ffn(xf, weights, experts, *w), jnp.zeros((), jnp.float32)
+        y, dropped = expert_parallel_ffn(
+            x, weights.reshape(B, T, k), experts.reshape(B, T, k), *w, mesh=mesh,
+            token_spec=tokens, capacity_factor=capacity,
+        )
+        return y.reshape(B * T, D), dropped
 
 
 def empty_router_stats(num_experts: int):
     """Router statistics of a layer without experts (zeros, same structure as `router_stats`)."""
     z = jnp.zeros((max(num_experts, 1),), jnp.float32)
     s = jnp.zeros((), jnp.float32)
-    return z, z, s, s
+    return z, z, s, s, s

@@ -6,7 +6,12 @@ and holds its parameters stacked on a leading `layers` axis, applied with `jax.l
 or 3 linear + 1 full attention) is one stack of R = L / p blocks; other patterns (e.g.
 `mlp_only_layers=[0]`) become consecutive runs of identical layers.
 
-Dimension letters: B batch, T length, D model, V vocab, E experts, L layers, R repeats.
+Dimension letters: B batch, T length, D model, V vocab, E experts, L layers, R repeats,
+S cache slots.
+
+Inference runs the same layers through their `extend` methods with a `Cache`: per stack, each
+layer's KV cache or recurrent state stacked on the `layers` axis, so the layer scan carries it
+(see qwenjax/infer/cache.py, which builds it).
 """
 
 from __future__ import annotations
@@ -19,8 +24,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from qwenjax.config import ModelConfig
-from qwenjax.model.attention import Attention
-from qwenjax.model.gated_deltanet import GatedDeltaNet
+from qwenjax.model.attention import Attention, CacheSlots, KVCache
+from qwenjax.model.gated_deltanet import GatedDeltaNet, RecurrentState
 from qwenjax.model.layers import RMSNorm, make_param, rope_tables
 from qwenjax.model.mlp import MLP, MoE, empty_router_stats
 from qwenjax.sharding import constrain
@@ -86,6 +91,16 @@ class LayerInputs(NamedTuple):
     valid: jax.Array  # bool: real tokens (router statistics ignore padding)
 
 
+class Cache(NamedTuple):
+    """The inference cache of a whole model; slot s of every row holds one token (or nothing)."""
+
+    # Per stack, per layer of its block: KVCache or RecurrentState, stacked [R, ...].
+    layers: tuple[tuple[KVCache | RecurrentState, ...], ...]
+    positions: jax.Array  # [B,S] int32: each slot's token position
+    segment_ids: jax.Array  # [B,S] int32: -1 empty, 0 padding, >= 1 a token
+    length: jax.Array  # int32 scalar: slots written so far; the next tokens go here
+
+
 class DecoderLayer(nnx.Module):
     def __init__(self, cfg: ModelConfig, kind: Kind, *, rngs: nnx.Rngs):
         D, eps, pd, zc = cfg.hidden_size, cfg.rms_norm_eps, cfg.param_dtype, cfg.norm_zero_centered
@@ -103,12 +118,27 @@ class DecoderLayer(nnx.Module):
             x = x + self.attn(h, inputs.segment_ids, inputs.valid)
         else:
             x = x + self.attn(h, inputs.cos, inputs.sin, inputs.positions, inputs.segment_ids)
+        return self._mlp(x, inputs.valid)
+
+    def _mlp(self, x, valid):
         h = self.post_attn_norm(x)
         if self.is_moe:
-            y, stats = self.mlp(h, inputs.valid)
+            y, stats = self.mlp(h, valid)
         else:
             y, stats = self.mlp(h), empty_router_stats(self.num_experts)
         return x + y, stats
+
+    def extend(self, x, inputs: LayerInputs, slots: CacheSlots, cache):
+        """As `__call__` for new tokens after those in `cache` -> (x, new cache)."""
+        h = self.input_norm(x)
+        if self.is_linear:
+            a, cache = self.attn.extend(h, inputs.segment_ids, inputs.valid, cache)
+        else:
+            a, cache = self.attn.extend(
+                h, inputs.cos, inputs.sin, inputs.positions, inputs.segment_ids, cache, slots
+            )
+        x, _ = self._mlp(x + a, inputs.valid)
+        return x, cache
 
 
 class Block(nnx.Module):
@@ -123,6 +153,13 @@ class Block(nnx.Module):
             x, stats = layer(x, inputs)
             total = stats if total is None else jax.tree.map(jnp.add, total, stats)
         return x, total
+
+    def extend(self, x, inputs: LayerInputs, slots: CacheSlots, caches: tuple):
+        new = []
+        for layer, cache in zip(self.layers, caches):
+            x, cache = layer.extend(x, inputs, slots, cache)
+            new.append(cache)
+        return x, tuple(new)
 
 
 class LayerStack(nnx.Module):
@@ -169,6 +206,17 @@ class LayerStack(nnx.Module):
         (x, stats), _ = jax.lax.scan(body, (x, zeros), xs)
         return x, stats
 
+    def extend(self, x, inputs: LayerInputs, slots: CacheSlots, caches: tuple):
+        """x [B,T,D] through every block, each continuing its slice of the stacked `caches`
+        (scanned alongside the stacked parameters) -> (x, new stacked caches)."""
+        graphdef, params = nnx.split(self.block)
+
+        def body(h, xs):
+            block_params, block_caches = xs
+            return nnx.merge(graphdef, block_params).extend(h, inputs, slots, block_caches)
+
+        return jax.lax.scan(body, x, (params, caches))
+
 
 class CausalLM(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
@@ -208,6 +256,31 @@ class CausalLM(nnx.Module):
             total = jax.tree.map(jnp.add, total, stats)
         return self.final_norm(x), total
 
+    def extend(self, input_ids, cache: Cache, *, positions, segment_ids):
+        """Run T new tokens after the `cache.length` slots already in `cache`.
+
+        input_ids, positions, segment_ids [B,T] (segment id 0 = padding, 1 = a token) ->
+        (final hidden states [B,T,D] in the compute dtype, cache with T more slots written).
+        """
+        dtype = jnp.dtype(self.config.dtype)
+        positions, segment_ids = positions.astype(jnp.int32), segment_ids.astype(jnp.int32)
+        start = (0, cache.length)
+        slots = CacheSlots(
+            cache.length,
+            jax.lax.dynamic_update_slice(cache.positions, positions, start),
+            jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids, start),
+        )
+        cos, sin = rope_tables(self.config, positions, dtype)
+        inputs = LayerInputs(cos, sin, positions, segment_ids, segment_ids > 0)
+        x = self.embed[...][input_ids].astype(dtype)
+        layers = []
+        for stack, caches in zip(self.stacks, cache.layers):
+            x, caches = stack.extend(x, inputs, slots, caches)
+            layers.append(caches)
+        new = Cache(tuple(layers), slots.positions, slots.segment_ids,
+                    cache.length + input_ids.shape[1])
+        return self.final_norm(x), new
+
     def head_kernel(self):
         """[D, V] output projection (the embedding, transposed, when tied)."""
         return self.embed[...].T if self.config.tie_word_embeddings else self.lm_head[...]
@@ -222,7 +295,7 @@ class CausalLM(nnx.Module):
 
 def router_losses(stats, cfg: ModelConfig):
     """(load-balancing loss as transformers' `load_balancing_loss_func`, router z-loss)."""
-    counts, prob_sum, rows, z_sum = stats
+    counts, prob_sum, rows, z_sum, _ = stats
     n_moe = sum(1 for m in cfg.mlp_types if m == "moe")
     if n_moe == 0:
         return jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)

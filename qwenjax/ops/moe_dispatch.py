@@ -168,15 +168,16 @@ def dense_moe_reference(x, weights, experts, w_gate, w_up, w_down):
     return jnp.einsum("ne,ned->nd", combine.astype(x.dtype), y)
 
 
-def router_stats(router_logits, probs, experts, valid):
+def router_stats(router_logits, probs, experts, valid, dropped=0.0):
     """Per-layer sums for the load-balancing and z losses (combined across layers later).
 
-    Returns fp32 (assignments per expert [E], router prob per expert [E], rows, sum of lse^2),
-    counting only rows where `valid` [N] is true, as `transformers`' `load_balancing_loss_func`.
+    Returns fp32 (assignments per expert [E], router prob per expert [E], rows, sum of lse^2,
+    routed rows dropped by capacity), counting only rows where `valid` [N] is true (as
+    `transformers`' `load_balancing_loss_func`) except `dropped`, which counts every row.
     """
     E = probs.shape[-1]
     w = valid.astype(F32)
     counts = jnp.zeros((E,), F32).at[experts.reshape(-1)].add(jnp.repeat(w, experts.shape[1]))
     prob_sum = jnp.sum(probs * w[:, None], axis=0)
     z = jax.nn.logsumexp(router_logits.astype(F32), axis=-1)
-    return counts, prob_sum, jnp.sum(w), jnp.sum(w * z * z)
+    return counts, prob_sum, jnp.sum(w), jnp.sum(w * z * z), jnp.asarray(dropped, F32)

@@ -64,10 +64,13 @@ def loss_fn(model: CausalLM, batch: Batch, *, aux_weight: float = 0.0, z_weight:
     ce = ce_sum / jnp.maximum(count if token_norm is None else token_norm, 1.0)
     aux, z = router_losses(stats, model.config)
     total = ce + aux_weight * aux + z_weight * z
-    counts = stats[0]
+    counts, dropped = stats[0], stats[4]
     load = counts / jnp.maximum(jnp.mean(counts), 1e-9)
+    cfg = model.config
+    routed = sum(m == "moe" for m in cfg.mlp_types) * B * T * max(cfg.num_experts_per_tok, 1)
     return total, {"loss": ce, "aux_loss": aux, "z_loss": z, "tokens": count,
-                   "expert_load_max": jnp.max(load), "expert_load_min": jnp.min(load)}
+                   "expert_load_max": jnp.max(load), "expert_load_min": jnp.min(load),
+                   "dropped_fraction": dropped / max(routed, 1)}
 
 
 def batch_from_tokens(tokens) -> Batch:

@@ -91,7 +91,7 @@ def make_train_step(
         zeros = (zeros[0][0], zeros[0][1], zeros[1])
         (total, metrics, grads), _ = jax.lax.scan(accumulate, zeros, batch)
         metrics = dict(metrics)
-        for k in ("aux_loss", "z_loss", "expert_load_max", "expert_load_min"):
+        for k in ("aux_loss", "z_loss", "expert_load_max", "expert_load_min", "dropped_fraction"):
             metrics[k] = metrics[k] / n_micro
         metrics["tokens"] = token_norm
         grad_norm = optax.tree.norm(grads)
