@@ -141,7 +141,7 @@ def test_model_in_capacity_mode_reports_dropped_fraction():
         model = nnx.merge(graphdef, params)
         tokens = jnp.asarray(np.random.RandomState(0).randint(0, 512, (8, 33)))
         with activate(mesh):
-            _, metrics[capacity] = jax.jit(lambda t: loss_fn(model, batch_from_tokens(t)))(tokens)
+            _, metrics[capacity] = jax.jit(lambda t, m=model: loss_fn(m, batch_from_tokens(t)))(tokens)
     assert float(metrics[0.0]["dropped_fraction"]) == 0.0
     # Capacity 0.5 keeps at most half of the routed rows.
     assert 0.5 <= float(metrics[0.5]["dropped_fraction"]) < 1.0

@@ -1,5 +1,6 @@
 """Meshes and the logical-axis table; sharded models equal the one-device model."""
 
+import hf_models
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,7 +8,6 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-import hf_models
 import qwenjax
 from qwenjax.model.partition import init_sharded, state_shardings
 from qwenjax.sharding import activate, check_rules, logical_to_spec

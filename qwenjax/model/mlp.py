@@ -24,7 +24,7 @@ class MLP(nnx.Module):
         self.down_kernel = make_param(rngs, (width, D), ("mlp", "embed"), pd)
 
     def __call__(self, x):
-        c = lambda p: p[...].astype(x.dtype)  # noqa: E731
+        c = lambda p: p[...].astype(x.dtype)
         return swiglu(x, c(self.gate_kernel), c(self.up_kernel), c(self.down_kernel))
 
 
@@ -47,7 +47,7 @@ class MoE(nnx.Module):
         cfg = self.cfg
         B, T, D = x.shape
         xf = x.reshape(B * T, D)
-        c = lambda p: p[...].astype(x.dtype)  # noqa: E731
+        c = lambda p: p[...].astype(x.dtype)
         # Router in fp32 (transformers uses the compute dtype): fewer bf16 routing flips.
         logits = xf.astype(jnp.float32) @ self.router_kernel[...].astype(jnp.float32)  # [N,E]
         weights, experts, probs = route(logits, cfg.num_experts_per_tok, cfg.norm_topk_prob)

@@ -99,7 +99,7 @@ def grouped_rows_ffn(rows, row_expert, w_gate, w_up, w_down, *, bm: int, impl: s
 
     def block(_, xs):
         x, e = xs
-        compute = lambda: _swiglu_rows(x, w_gate[e], w_up[e], w_down[e])  # noqa: E731
+        compute = lambda: _swiglu_rows(x, w_gate[e], w_up[e], w_down[e])
         return None, jax.lax.cond(e < El, compute, lambda: jnp.zeros_like(x))
 
     _, yb = jax.lax.scan(block, None, (xb, block_e))
