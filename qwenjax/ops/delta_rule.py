@@ -35,6 +35,8 @@ the carried state, and the state handed on is that of the chunk's last document.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 
@@ -76,6 +78,25 @@ def document_starts(segment_ids):
     change = segment_ids[:, 1:] != segment_ids[:, :-1]
     first = jnp.zeros((segment_ids.shape[0], 1), bool)  # also right for T = 1
     return jnp.concatenate([first, change], axis=1)
+
+
+def causal_conv(x, weight, segment_ids=None):
+    """Depthwise causal conv of Gated DeltaNet: x [B,T,H,Dh], weight [K,H,Dh] -> [B,T,H,Dh] in
+    x's dtype (fp32 accumulation). out[t] = sum_j weight[j] x[t-(K-1)+j], where a tap that
+    reaches before the sequence or into a token of another segment id counts as zero, so each
+    packed document is convolved as if alone. The dense reference beside
+    `delta_rule_parallel.causal_conv_sequence_parallel`; same semantics as the model's copy."""
+    K, T = weight.shape[0], x.shape[1]
+    if segment_ids is None:
+        segment_ids = jnp.zeros(x.shape[:2], jnp.int32)
+    out = x.astype(F32) * weight[K - 1].astype(F32)  # tap K-1 is the token itself
+    for shift in range(1, min(K, T)):  # K is small (4): unrolled over taps, not tokens
+        # token t - shift; before the sequence start x is zero-padded (its id, -1, is moot)
+        x_prev = jnp.pad(x, ((0, 0), (shift, 0), (0, 0), (0, 0)))[:, :T]
+        id_prev = jnp.pad(segment_ids, ((0, 0), (shift, 0)), constant_values=-1)[:, :T]
+        keep = (id_prev == segment_ids)[:, :, None, None]
+        out = out + jnp.where(keep, x_prev, 0).astype(F32) * weight[K - 1 - shift].astype(F32)
+    return out.astype(x.dtype)
 
 
 # ---- recurrent reference and decoding step ----------------------------------------------------
@@ -189,28 +210,35 @@ def _invert_bwd(inv, d_inv):
 invert_unit_lower.defvjp(_invert_fwd, _invert_bwd)
 
 
-def delta_rule_chunked(
+class ChunkTerms(NamedTuple):
+    """Per-chunk tensors of the chunked form, everything that does not depend on the carried
+    state S (all fp32, [B,H,N,C,...]; `chunk_scan` runs the recurrence over them). Per chunk:
+    V' = u - w S, O = q_carry S + attn V', S <- chunk_decay S + k_out^T V'."""
+
+    u: jax.Array  # [B,H,N,C,Dv]
+    w: jax.Array  # [B,H,N,C,Dk]
+    q_carry: jax.Array  # [B,H,N,C,Dk] q scaled by its decay from the chunk start (0: no carry)
+    attn: jax.Array  # [B,H,N,C,C] in-chunk, same-document causal q.k weights
+    k_out: jax.Array  # [B,H,N,C,Dk] k decayed to the chunk end (0 unless the last document)
+    chunk_decay: jax.Array  # [B,H,N] decay of the carried state over the chunk (0: reset)
+
+
+def chunk_terms(
     q,
     k,
     v,
     g,
     beta,
     *,
-    initial_state=None,
     chunk_size: int = 64,
     use_qk_l2norm: bool = True,
     segment_ids=None,
-):
-    """Chunked gated delta rule (shapes as `delta_rule_recurrent`): any T, padded internally to a
-    multiple of `chunk_size` with inert tokens (k = v = beta = g = 0 leave the state unchanged).
-
-    Returns (out [B,T,H,Dv] in v's dtype, final_state [B,H,Dk,Dv] fp32).
-    """
+) -> ChunkTerms:
+    """The state-independent part of `delta_rule_chunked` (same inputs; T padded to a multiple
+    of `chunk_size` with inert tokens): q/k preparation, decays, document masks, the UT solve."""
     B, T, H, Dv = v.shape
-    C, out_dtype = chunk_size, v.dtype
+    C = chunk_size
     q, k = _qk(q, k, H, use_qk_l2norm, head_axis=2)
-    Dk = k.shape[-1]
-    S0 = _initial_state(initial_state, B, H, Dk, Dv)
     pad = -T % C
 
     def tpad(x):  # [B,T,...] -> [B,T+pad,...] with zeros (False)
@@ -248,6 +276,15 @@ def delta_rule_chunked(
     q_carry = q * carry_decay[..., None]
     k_out = k * _masked_exp(same_as_last, seg[..., -1, :])[..., None]  # decay to chunk end
     chunk_decay = _masked_exp(reads_carry[..., -1], cum[..., -1])  # [B,H,N]
+    return ChunkTerms(u, w, q_carry, attn, k_out, chunk_decay)
+
+
+def chunk_scan(terms: ChunkTerms, S0):
+    """The recurrence over chunks (`lax.scan`) from S0 [B,H,Dk,Dv'] fp32, where Dv' is the last
+    dim of `terms.u` (callers may append columns to u and S0: every column evolves alone).
+
+    Returns (out [B,H,N,C,Dv'] fp32, final_state [B,H,Dk,Dv'] fp32).
+    """
 
     def step(S, x):
         u, w, q_carry, attn, k_out, chunk_decay = x
@@ -256,7 +293,40 @@ def delta_rule_chunked(
         S = S * chunk_decay[..., None, None] + jnp.einsum("bhik,bhiv->bhkv", k_out, v_new)
         return S, o
 
-    xs = (u, w, q_carry, attn, k_out, chunk_decay)
-    S, out = jax.lax.scan(step, S0, [jnp.moveaxis(x, 2, 0) for x in xs])  # out [N,B,H,C,Dv]
-    out = out.transpose(1, 0, 3, 2, 4).reshape(B, N * C, H, Dv)[:, :T]
-    return out.astype(out_dtype), S
+    S, out = jax.lax.scan(step, S0, [jnp.moveaxis(x, 2, 0) for x in terms])  # out [N,B,H,C,Dv']
+    return jnp.moveaxis(out, 0, 2), S
+
+
+def delta_rule_chunked(
+    q,
+    k,
+    v,
+    g,
+    beta,
+    *,
+    initial_state=None,
+    chunk_size: int = 64,
+    use_qk_l2norm: bool = True,
+    segment_ids=None,
+):
+    """Chunked gated delta rule (shapes as `delta_rule_recurrent`): any T, padded internally to a
+    multiple of `chunk_size` with inert tokens (k = v = beta = g = 0 leave the state unchanged).
+
+    Returns (out [B,T,H,Dv] in v's dtype, final_state [B,H,Dk,Dv] fp32).
+    """
+    B, T, H, Dv = v.shape
+    S0 = _initial_state(initial_state, B, H, k.shape[-1], Dv)
+    terms = chunk_terms(
+        q,
+        k,
+        v,
+        g,
+        beta,
+        chunk_size=chunk_size,
+        use_qk_l2norm=use_qk_l2norm,
+        segment_ids=segment_ids,
+    )
+    out, S = chunk_scan(terms, S0)  # out [B,H,N,C,Dv]
+    N, C = out.shape[2:4]
+    out = out.transpose(0, 2, 3, 1, 4).reshape(B, N * C, H, Dv)[:, :T]
+    return out.astype(v.dtype), S
