@@ -3,6 +3,7 @@
     qwenjax train EXPERIMENT.yaml [--set key=value ...] [--run-dir DIR]
     qwenjax import-hf HF_DIR CKPT_DIR     HF checkpoint -> Orbax parameter checkpoint
     qwenjax export-hf CKPT_DIR HF_DIR     Orbax parameter checkpoint -> HF directory
+    qwenjax eval EXPERIMENT.yaml [--set ...] [--run-dir DIR] [--out DIR]   long-context eval
 
 Bad input (a QwenJaxError) prints one line `qwenjax: error: ...` and exits with status 2.
 """
@@ -39,6 +40,15 @@ def cmd_train(args) -> None:
     run_dir = args.run_dir or f"runs/{Path(args.experiment).stem}"
     summary = train(exp, run_dir)
     print(json.dumps(summary))
+
+
+def cmd_eval(args) -> None:
+    from qwenjax.evals.runner import run_experiment
+    from qwenjax.experiment import load_experiment
+
+    exp = load_experiment(args.experiment, args.set or [])
+    run_dir = args.run_dir or f"runs/{Path(args.experiment).stem}"
+    print(json.dumps(run_experiment(exp, run_dir, args.out)))
 
 
 def cmd_import_hf(args) -> None:
@@ -81,6 +91,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-processes", type=int)
     p.add_argument("--process-id", type=int)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="long-context eval (passkey, NIAH, RULER-style, perplexity)")
+    p.add_argument("experiment", help="experiment YAML with an eval: section")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="e.g. eval.lengths=[4096]")
+    p.add_argument("--run-dir", help="the run whose model to evaluate (default runs/NAME)")
+    p.add_argument("--out", help="output directory (default eval.output_dir or RUN_DIR/eval)")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("import-hf", help="Hugging Face directory -> Orbax parameter checkpoint")
     p.add_argument("hf_dir")

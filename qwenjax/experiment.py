@@ -41,16 +41,20 @@ class MeshConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class DataConfig:
-    source: str = "stdlib"  # stdlib (Python's own sources, offline everywhere) | text | jsonl
+    # stdlib (Python's own sources, offline everywhere) | text | jsonl | passkey (synthetic
+    # passkey-retrieval documents, qwenjax.data.passkey; max_docs of them, 20000 if 0)
+    source: str = "stdlib"
     paths: list[str] = field(default_factory=list)  # globs for text / jsonl
     text_field: str = "text"  # the JSONL field holding the text
     max_docs: int = 0  # 0 = all documents
     seq_len: int = 256
 
     def __post_init__(self):
-        if self.source not in ("stdlib", "text", "jsonl"):
-            raise ConfigError(f"data.source {self.source!r} is not one of stdlib, text, jsonl")
-        if self.source != "stdlib" and not self.paths:
+        if self.source not in ("stdlib", "text", "jsonl", "passkey"):
+            raise ConfigError(
+                f"data.source {self.source!r} is not one of stdlib, text, jsonl, passkey"
+            )
+        if self.source in ("text", "jsonl") and not self.paths:
             raise ConfigError(f"data.paths is required for data.source={self.source}")
         if self.seq_len < 2:
             raise ConfigError("data.seq_len must be >= 2")
@@ -97,6 +101,41 @@ class CheckpointConfig:
     async_save: bool = True
 
 
+EVAL_TASKS = ("passkey", "niah_single", "niah_multikey", "variable_tracking", "common_words",
+              "perplexity")  # qwenjax.evals runs them; see qwenjax/evals/__init__.py
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalConfig:
+    """`qwenjax eval`: which long-context tasks, at which prompt lengths (tokens) and depths."""
+
+    model: str = ""  # HF dir, parameter checkpoint or run dir; "" = init_from, else the run dir
+    output_dir: str = ""  # "" = <run dir>/eval
+    tasks: list[str] = field(default_factory=lambda: ["passkey"])
+    lengths: list[int] = field(default_factory=lambda: [4096, 8192])  # whole prompt, in tokens
+    depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    samples: int = 4  # prompts per (task, length, depth) cell
+    filler: str = "essay"  # essay: Python's documentation prose | repeat: "The grass is green."
+    batch_size: int = 4  # prompts per generate / forward call
+    seed: int = 0
+    num_keys: int = 4  # niah_multikey: needles in the haystack, one asked for
+    ppl_buckets: int = 8  # perplexity: equal position ranges per length
+
+    def __post_init__(self):
+        bad = [t for t in self.tasks if t not in EVAL_TASKS]
+        if bad or not self.tasks:
+            raise ConfigError(f"eval.tasks {self.tasks!r}: each must be one of {EVAL_TASKS}")
+        if not self.lengths or any(not isinstance(n, int) or n < 16 for n in self.lengths):
+            raise ConfigError(f"eval.lengths {self.lengths!r}: need integers >= 16 (tokens)")
+        if not self.depths or any(not isinstance(d, (int, float)) or not 0 <= d <= 1
+                                  for d in self.depths):
+            raise ConfigError(f"eval.depths {self.depths!r}: need fractions in [0, 1]")
+        if self.filler not in ("essay", "repeat"):
+            raise ConfigError(f"eval.filler {self.filler!r} is not one of essay, repeat")
+        if min(self.samples, self.batch_size, self.ppl_buckets) < 1 or self.num_keys < 2:
+            raise ConfigError("eval.samples, batch_size, ppl_buckets must be >= 1, num_keys >= 2")
+
+
 @dataclass(frozen=True, kw_only=True)
 class ExperimentConfig:
     model: Any = "qwen3-moe-tiny"  # a preset name, a YAML path, or an inline mapping
@@ -106,6 +145,7 @@ class ExperimentConfig:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     steps: int = 300
     batch_size: int = 16  # global batch (rows) per optimizer step
     grad_accum: int = 1  # micro-batches per step: each is batch_size / grad_accum rows

@@ -10,6 +10,7 @@ than memory costs only its index.
 - `text_files`: local files or globs, one document per file.
 - `jsonl_files`: JSONL files, one document per line, taken from one string field.
 - `concat`: several sources one after another.
+- `qwenjax.data.passkey.passkey_corpus`: synthetic passkey-retrieval documents (its own module).
 
 Bad input (a glob matching nothing, a JSONL line without the field) raises `ConfigError` naming
 the file, line and field.

@@ -12,6 +12,7 @@ import jax
 
 from qwenjax.data.corpus import jsonl_files, stdlib_corpus, text_files
 from qwenjax.data.packing import PackedDataset
+from qwenjax.data.passkey import passkey_corpus
 from qwenjax.data.tokenizer import load_tokenizer, train_bpe
 from qwenjax.experiment import ExperimentConfig
 
@@ -20,6 +21,8 @@ def build_corpus(exp: ExperimentConfig):
     d = exp.data
     if d.source == "stdlib":
         return stdlib_corpus(d.max_docs or None)
+    if d.source == "passkey":
+        return passkey_corpus(d.max_docs or 20000, d.seq_len, exp.seed)
     if d.source == "text":
         return text_files(d.paths)
     return jsonl_files(d.paths, d.text_field)
