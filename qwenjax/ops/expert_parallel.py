@@ -7,13 +7,16 @@ M = n*k routed rows on one device, S slots per destination, R = ep*S slots in a 
 Inside `jax.shard_map` every device holds its own tokens and El experts' weights and runs:
 1. Sort its M routed rows by expert (stable, so token order is kept inside each expert). Rows
    for one destination device are then contiguous, and within it grouped by local expert.
-2. Place the rows into a send buffer of ep destination blocks of S slots (`slot_plan`):
-   - dropless: S = M, the worst case (every row to one device), so nothing is ever dropped;
+2. Place the rows into a send buffer (`slot_plan`) and exchange them over `expert` together
+   with each row's local expert id (El marks an empty slot):
+   - dropless, `ragged` exchange (TPU/GPU): the M sorted rows are sent as they are with
+     `jax.lax.ragged_all_to_all`; the [source, destination] row counts are all-gathered first
+     so every device knows where its rows land; receive buffers hold the worst case ep*M;
+   - dropless, `padded` exchange (XLA:CPU has no `ragged_all_to_all` in jax 0.10.2): ep
+     destination blocks of S = M slots (the worst case: every row to one device) through
+     `jax.lax.all_to_all`. Never drops; the path the CPU tests run;
    - capacity mode: one block of C = ceil(capacity_factor * M / E) slots per *expert*; rows
      past an expert's C-th are dropped (they contribute nothing) and counted.
-3. Exchange with `jax.lax.all_to_all` over `expert` (block d goes to device d), together with
-   each row's local expert id (El marks an empty slot). XLA:CPU has no `ragged_all_to_all`
-   (jax 0.10.2), so this padded exchange is the portable path the CPU tests run.
 4. Expert FFN over the received rows:
    - dropless: rows sorted by local expert and padded per expert to blocks of bm rows; a scan
      over blocks runs one [bm,D]x[D,F] SwiGLU per block and skips (`lax.cond`) the blocks of
@@ -107,56 +110,128 @@ def grouped_rows_ffn(rows, row_expert, w_gate, w_up, w_down, *, bm: int, impl: s
 
 
 def _local_expert_parallel(x, weights, experts, w_gate, w_up, w_down, *, E, ep, axis, tensor,
-                           token_axes, capacity_factor, bm, impl):
+                           token_axes, capacity_factor, bm, impl, exchange):
     """Per-device body. x [b,t,D], weights/experts [b,t,k] -> (y [b,t,D], dropped rows)."""
     b, t, D = x.shape
     k = experts.shape[-1]
     n, El = b * t, E // ep
     M = n * k
     xf, weights, experts = x.reshape(n, D), weights.reshape(n, k), experts.reshape(n, k)
+    flat_e = experts.reshape(-1)
+
+    def run(plan: SlotPlan, S: int | None):
+        """Exchange the planned rows, run the experts, bring the rows back and combine."""
+        R = plan.src_row.shape[0] - 1
+        send = gather_rows(xf, plan.src_row // k, plan.pos)[:R]  # [R,D], empty slots zero
+        filled = plan.src_row[:R] < M
+        send_e = jnp.where(filled, flat_e[jnp.minimum(plan.src_row[:R], M - 1)] % El, El)
+        send_e = send_e.astype(jnp.int32)
+        if S is None:
+            there, back_again = _ragged_routes(flat_e // El, ep, M, axis)
+            recv, recv_e = there(send, 0), there(send_e, El)
+        else:
+            def to_owner(a):  # [ep*S, ...] by destination -> [ep*S, ...] by source
+                a = a.reshape(ep, S, *a.shape[1:])
+                return jax.lax.all_to_all(a, axis, 0, 0).reshape(ep * S, *a.shape[2:])
+
+            recv, recv_e, back_again = to_owner(send), to_owner(send_e), to_owner
+        if capacity_factor > 0:  # [src, El, C] -> [El, src*C]: one dense block per expert
+            C = S // El
+            xe = recv.reshape(ep, El, C, D).transpose(1, 0, 2, 3).reshape(El, ep * C, D)
+            h = jax.nn.silu(jnp.einsum("erd,edf->erf", xe, w_gate))
+            h = h * jnp.einsum("erd,edf->erf", xe, w_up)
+            ye = jnp.einsum("erf,efd->erd", h, w_down)
+            y = ye.reshape(El, ep, C, D).transpose(1, 0, 2, 3).reshape(ep * S, D)
+        else:
+            y = grouped_rows_ffn(recv, recv_e, w_gate, w_up, w_down, bm=bm, impl=impl)
+        if tensor is not None:  # each device holds an F slice: partial sums
+            y = jax.lax.psum(y, tensor)
+        back = back_again(y)
+        back = jnp.concatenate([back, jnp.zeros((1, D), back.dtype)])  # sentinel slot R
+        out = combine_rows(back, weights.astype(F32), plan.pos, plan.src_row)
+        return out.astype(x.dtype), jnp.sum(~plan.kept).astype(F32)
+
     if capacity_factor > 0:
         C = max(1, math.ceil(capacity_factor * M / E))
-        plan = slot_plan(experts, E, lambda e: e, C)
-        S = El * C
+        out, dropped = run(slot_plan(experts, E, lambda e: e, C), El * C)
+    elif exchange == "ragged":  # one compact run of the M rows sorted by expert
+        out, dropped = run(slot_plan(experts, 1, jnp.zeros_like, M), None)
     else:
-        plan = slot_plan(experts, ep, lambda e: e // El, M)
-        S = M
-    flat_e = experts.reshape(-1)
-    send = gather_rows(xf, plan.src_row // k, plan.pos)[: ep * S]  # [R,D], empty slots zero
-    filled = plan.src_row[: ep * S] < M
-    send_e = jnp.where(filled, flat_e[jnp.minimum(plan.src_row[: ep * S], M - 1)] % El, El)
+        # Padded blocks of S = M slots per destination never drop, but move and scan ep x the
+        # rows. Routing is rarely that skewed: when no device sends more than `fast` rows to
+        # any one device (max over the whole mesh, so every device takes the same branch),
+        # blocks of `fast` slots carry the same rows exactly.
+        dest = flat_e // El
+        need = jax.lax.pmax(jnp.max(jnp.bincount(dest, length=ep)), token_axes)
+        fast = min(M, -(-2 * M // ep // 8) * 8)
+        plan_for = lambda S: slot_plan(experts, ep, lambda e: e // El, S)  # noqa: E731
+        if fast < M:
+            out, dropped = jax.lax.cond(
+                need <= fast, lambda: run(plan_for(fast), fast), lambda: run(plan_for(M), M)
+            )
+        else:
+            out, dropped = run(plan_for(M), M)
+    return out.reshape(b, t, D), jax.lax.psum(dropped, token_axes)
 
-    def exchange(a):  # [ep*S, ...] by destination -> [ep*S, ...] by source
-        a = a.reshape(ep, S, *a.shape[1:])
-        return jax.lax.all_to_all(a, axis, 0, 0).reshape(ep * S, *a.shape[2:])
 
-    recv, recv_e = exchange(send), exchange(send_e.astype(jnp.int32))
-    if capacity_factor > 0:  # [src, El, C] -> [El, src*C]: one dense block per local expert
-        xe = recv.reshape(ep, El, C, D).transpose(1, 0, 2, 3).reshape(El, ep * C, D)
-        h = jax.nn.silu(jnp.einsum("erd,edf->erf", xe, w_gate))
-        h = h * jnp.einsum("erd,edf->erf", xe, w_up)
-        ye = jnp.einsum("erf,efd->erd", h, w_down)
-        y = ye.reshape(El, ep, C, D).transpose(1, 0, 2, 3).reshape(ep * S, D)
-    else:
-        y = grouped_rows_ffn(recv, recv_e, w_gate, w_up, w_down, bm=bm, impl=impl)
-    if tensor is not None:  # each device holds an F slice: partial sums
-        y = jax.lax.psum(y, tensor)
-    back = exchange(y)
-    back = jnp.concatenate([back, jnp.zeros((1, D), back.dtype)])  # sentinel slot R
-    out = combine_rows(back, weights.astype(F32), plan.pos, plan.src_row).astype(x.dtype)
-    dropped = jax.lax.psum(jnp.sum(~plan.kept).astype(F32), token_axes)
-    return out.reshape(b, t, D), dropped
+def _ragged_routes(dest, ep: int, M: int, axis: str):
+    """Send functions for rows sorted by destination device `dest` [M] (non-decreasing after
+    the sort): `there(rows, fill)` -> [ep*M, ...] rows grouped by source on their owner (rest
+    filled), `back(rows)` -> [M, ...] the owner's rows returned into the sender's order.
+    Offsets come from the all-gathered [source, destination] row-count matrix."""
+    sizes = jnp.bincount(dest, length=ep).astype(jnp.int32)  # rows I send to each device
+    matrix = jax.lax.all_gather(sizes, axis)  # [src, dst]
+    me = jax.lax.axis_index(axis)
+    exclusive = lambda a: jnp.cumsum(a) - a  # noqa: E731
+    send_off = exclusive(sizes)  # where my rows for each device start in my buffer
+    recv_sizes = matrix[:, me]  # rows I receive from each source
+    recv_off = exclusive(recv_sizes)  # where each source's rows start in my output
+    out_off = (jnp.cumsum(matrix, axis=0) - matrix)[me]  # where my rows land on each device
+    home = (jnp.cumsum(matrix, axis=1) - matrix)[:, me]  # where each source sent my rows from
+
+    def there(rows, fill):
+        out = jnp.full((ep * M, *rows.shape[1:]), fill, rows.dtype)
+        return _ragged_all_to_all(rows, out, send_off, sizes, out_off, recv_sizes, axis, ep)
+
+    def back(rows):
+        out = jnp.zeros((M, *rows.shape[1:]), rows.dtype)
+        return _ragged_all_to_all(rows, out, recv_off, recv_sizes, home, sizes, axis, ep)
+
+    return there, back
+
+
+def _ragged_all_to_all(operand, output, in_off, send_sizes, out_off, recv_sizes, axis, ep):
+    if jax.default_backend() != "cpu":
+        return jax.lax.ragged_all_to_all(
+            operand, output, in_off, send_sizes, out_off, recv_sizes, axis_name=axis
+        )
+    # XLA:CPU has no ragged-all-to-all: the same data movement through padded blocks (a test
+    # double, so the offset bookkeeping above runs in the CPU tests).
+    cap = operand.shape[0]
+    i = jnp.arange(cap)
+    idx = jnp.minimum(in_off[:, None] + i, cap - 1)  # [ep, cap]
+    blocks = jnp.where((i < send_sizes[:, None]).reshape(ep, cap, *[1] * (operand.ndim - 1)),
+                       operand[idx], 0)
+    blocks = jax.lax.all_to_all(blocks, axis, 0, 0)  # [src, cap, ...]
+    at = jax.lax.all_to_all(out_off, axis, 0, 0, tiled=True)  # offsets the sources chose
+    valid = i < recv_sizes[:, None]
+    dest = jnp.where(valid, at[:, None] + i, output.shape[0])  # out of range: dropped
+    return output.at[dest.reshape(-1)].set(blocks.reshape(ep * cap, *operand.shape[1:]),
+                                           mode="drop")
 
 
 def expert_parallel_ffn(x, weights, experts, w_gate, w_up, w_down, *, mesh, token_spec,
                         expert_axis: str = "expert", tensor_axis: str | None = "tensor",
-                        capacity_factor: float = 0.0, block: int = 64, impl: str = "auto"):
+                        capacity_factor: float = 0.0, block: int = 64, impl: str = "auto",
+                        exchange: str = "auto"):
     """Routed SwiGLU experts with expert parallelism over `expert_axis`.
 
     x [B,T,D] and weights/experts [B,T,k] are global arrays whose B and T axes are sharded as
     `token_spec` = (B axes, T axes) says (the expert axis must be among them: every expert device
     brings its own tokens); w_gate/w_up [E,D,F] and w_down [E,F,D] have E sharded over
     `expert_axis` and, if `tensor_axis` has size > 1 and divides F, F over it.
+    `exchange`: "ragged" (`ragged_all_to_all`, compact buffers; default off CPU) or "padded"
+    (`all_to_all` of worst-case per-destination blocks; default on CPU).
     Returns (y [B,T,D] in x.dtype, dropped routed rows over the whole batch, fp32 scalar).
     """
     E, _, F = w_gate.shape
@@ -166,7 +241,9 @@ def expert_parallel_ffn(x, weights, experts, w_gate, w_up, w_down, *, mesh, toke
     tensor = tensor_axis if tensor_axis and mesh.shape[tensor_axis] > 1 else None
     if tensor is not None and F % mesh.shape[tensor]:
         tensor = None
-    impl = ("ragged" if jax.default_backend() != "cpu" else "blocked") if impl == "auto" else impl
+    on_cpu = jax.default_backend() == "cpu"
+    impl = ("blocked" if on_cpu else "ragged") if impl == "auto" else impl
+    exchange = ("padded" if on_cpu else "ragged") if exchange == "auto" else exchange
     n_local = x.shape[0] * x.shape[1] // math.prod(
         mesh.shape[a] for axes in token_spec for a in _names(axes)
     )
@@ -179,7 +256,7 @@ def expert_parallel_ffn(x, weights, experts, w_gate, w_up, w_down, *, mesh, toke
         return _local_expert_parallel(
             x, weights, experts, w_gate, w_up, w_down, E=E, ep=ep, axis=expert_axis,
             tensor=tensor, token_axes=token_axes, capacity_factor=capacity_factor, bm=bm,
-            impl=impl,
+            impl=impl, exchange=exchange,
         )
 
     return jax.shard_map(
