@@ -19,6 +19,7 @@ import yaml
 
 from qwenjax.config import DTYPES, REMAT_MODES, ModelConfig, load_preset
 from qwenjax.errors import ConfigError
+from qwenjax.ops.context_layout import check_divisible
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -28,6 +29,8 @@ class MeshConfig:
     expert: int = 1
     tensor: int = 1
     context: int = 1
+    # Token layout over `context` (qwenjax/ops/context_layout.py): zigzag balances causal work.
+    context_layout: str = "zigzag"
     rules: dict[str, Any] = field(default_factory=dict)  # logical axis -> mesh axes overrides
 
     def shape(self) -> dict[str, int]:
@@ -179,10 +182,10 @@ class ExperimentConfig:
                 f"micro-batch {micro} (batch_size / grad_accum) is not divisible by the batch "
                 f"axes data*fsdp*expert = {self.mesh.batch_ways}"
             )
-        if self.data.seq_len % self.mesh.context:
-            raise ConfigError(
-                f"data.seq_len {self.data.seq_len} is not divisible by mesh.context {self.mesh.context}"
-            )
+        try:
+            check_divisible(self.data.seq_len, self.mesh.context, self.mesh.context_layout)
+        except ValueError as e:
+            raise ConfigError(f"data.seq_len: {e}") from None
 
     def model_config(self) -> ModelConfig:
         if isinstance(self.model, dict):

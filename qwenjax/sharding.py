@@ -140,17 +140,45 @@ def named_sharding(
 # the same model code runs on one device.
 
 _RULES: contextvars.ContextVar[dict] = contextvars.ContextVar("qwenjax_rules", default=DEFAULT_RULES)
+_LAYOUT: contextvars.ContextVar[str] = contextvars.ContextVar("qwenjax_layout", default="zigzag")
 
 
 @contextlib.contextmanager
-def activate(mesh: Mesh, rules: Mapping | None = None):
-    """Make `mesh` (and an axis table) current for jit tracing and `constrain`."""
+def activate(mesh: Mesh, rules: Mapping | None = None, context_layout: str = "zigzag"):
+    """Make `mesh` (and an axis table) current for jit tracing and `constrain`.
+
+    With `context` > 1, token arrays given to the model are sequence-sharded and already in
+    `context_layout` (see ops/context_layout.py); the layers run ring attention and the
+    sequence-parallel delta rule, and need the layout only to order delta-rule pieces."""
     token = _RULES.set(check_rules(rules or {}))
+    layout_token = _LAYOUT.set(context_layout)
     try:
         with jax.set_mesh(mesh):
             yield mesh
     finally:
         _RULES.reset(token)
+        _LAYOUT.reset(layout_token)
+
+
+def current_layout() -> str:
+    return _LAYOUT.get()
+
+
+def context_parallel():
+    """(mesh, layout) when the current mesh splits sequences over `context`, else None."""
+    mesh = current_mesh()
+    if mesh is None or mesh.shape["context"] == 1:
+        return None
+    return mesh, _LAYOUT.get()
+
+
+def mesh_axes(logical: str, size: int) -> tuple[str, ...]:
+    """The current mesh's axes (size > 1) that shard a dimension of `size` named `logical`."""
+    mesh = current_mesh()
+    if mesh is None:
+        return ()
+    entry = fit_spec(logical_to_spec((logical,), _RULES.get(), mesh), (size,), mesh)[0]
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
 
 
 def current_rules() -> dict:

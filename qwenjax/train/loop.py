@@ -23,13 +23,14 @@ import jax
 import numpy as np
 import yaml
 from absl import logging
-from jax.experimental import multihost_utils
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 from qwenjax.errors import ConfigError, QwenJaxError
 from qwenjax.experiment import ExperimentConfig, dump_experiment
 from qwenjax.model.partition import init_sharded
+from qwenjax.ops.context_layout import to_layout
 from qwenjax.sharding import activate, check_rules, logical_to_spec, make_mesh
 from qwenjax.train.checkpoint import RunCheckpointer, load_params, read_model_config
 from qwenjax.train.data_setup import build_dataset, build_tokenizer
@@ -67,9 +68,15 @@ def write_run_config(exp: ExperimentConfig, run_dir: Path) -> None:
         tmp.rename(path)
 
 
-def _micro_batches(arrays: dict, grad_accum: int, sharding) -> Batch:
+def _micro_batches(arrays: dict, grad_accum: int, sharding, context: int = 1,
+                   layout: str = "zigzag") -> Batch:
+    """Host arrays [B, T] -> Batch of [A, B/A, T] device arrays; with context > 1 every field is
+    put into the sequence layout here, once (the loss is a sum over tokens: no way back needed)."""
+
     def put(x):
         x = np.asarray(x)
+        if context > 1:
+            x = to_layout(x, context, layout, axis=1)
         x = x.reshape(grad_accum, x.shape[0] // grad_accum, *x.shape[1:])
         return jax.make_array_from_process_local_data(sharding, x) if sharding else jax.device_put(x)
 
@@ -115,7 +122,8 @@ def train(exp: ExperimentConfig, run_dir: str | Path) -> dict:
     )
     state_sharding = jax.tree.map(lambda x: x.sharding, state)
     batch_axes = logical_to_spec(("batch",), rules, mesh)[0]
-    batch_sharding = NamedSharding(mesh, PartitionSpec(None, batch_axes, None))
+    length_axis = "context" if exp.mesh.context > 1 else None
+    batch_sharding = NamedSharding(mesh, PartitionSpec(None, batch_axes, length_axis))
 
     ckpt = RunCheckpointer(run_dir / "checkpoints", keep=exp.checkpoint.keep,
                            async_save=exp.checkpoint.async_save)
@@ -149,13 +157,14 @@ def train(exp: ExperimentConfig, run_dir: str | Path) -> dict:
     previous_handler = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
     summary = {"run_dir": str(run_dir), "start_step": start, "unigram_baseline": baseline}
     log(f"unigram entropy of the training stream: {baseline:.3f} nats/token")
-    with activate(mesh, exp.mesh.rules):
+    with activate(mesh, exp.mesh.rules, exp.mesh.context_layout):
         try:
             t_last, step = time.perf_counter(), start
             pending = None  # (step, its bad-step counter), read one step late
             for step in range(start + 1, exp.steps + 1):
                 arrays = dataset.next_batch(local_batch)
-                state, metrics = step_fn(state, _micro_batches(arrays, exp.grad_accum, batch_sharding))
+                state, metrics = step_fn(state, _micro_batches(arrays, exp.grad_accum, batch_sharding,
+                                                            exp.mesh.context, exp.mesh.context_layout))
                 # Reading this step's counter now would wait for it to finish before the next is
                 # dispatched; the previous step's is ready or nearly so. Skipped steps change
                 # nothing, so stopping one step later loses nothing.
