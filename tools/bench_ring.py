@@ -35,8 +35,13 @@ import statistics
 import sys
 import time
 
+# The 8 simulated devices are threads sharing 2 cores: at long T one may reach a ring step's
+# ppermute minutes before another, past XLA:CPU's default 40 s collective termination timeout.
 os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    os.environ.get("XLA_FLAGS", "")
+    + " --xla_force_host_platform_device_count=8"
+    + " --xla_cpu_collective_call_warn_stuck_timeout_seconds=600"
+    + " --xla_cpu_collective_call_terminate_timeout_seconds=7200"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
