@@ -2,10 +2,17 @@
 RoPE (possibly partial), blockwise attention, optional per-head sigmoid output gate (Qwen3-Next,
 Qwen3.5), output projection.
 
-Dimension letters: B batch, T length, D model, H query heads, K kv heads, Dh head dim.
+Dimension letters: B batch, T length, D model, H query heads, K kv heads, Dh head dim,
+S cache slots.
+
+`__call__` is the training / full-sequence path. `extend` is the inference path: it writes the
+new tokens' keys and values into a KV cache at a slot index and attends over the whole cache,
+masked by the slots' positions and segment ids (empty slots carry a segment id no token has).
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +21,23 @@ from jax.ad_checkpoint import checkpoint_name
 
 from qwenjax.config import ModelConfig
 from qwenjax.model.layers import apply_rope, make_param, rms_norm
-from qwenjax.ops.attention import attention
+from qwenjax.model.sequence_ops import causal_attention
+from qwenjax.ops.attention import attention, dense_attention
+
+
+class KVCache(NamedTuple):
+    """One attention layer's cache: keys and values of S slots, [B,S,K,Dh], compute dtype."""
+
+    k: jax.Array
+    v: jax.Array
+
+
+class CacheSlots(NamedTuple):
+    """What every cache slot holds once the current tokens are written (shared by all layers)."""
+
+    index: jax.Array  # int32 scalar: the slot of the first current token
+    positions: jax.Array  # [B,S] int32: each slot's token position
+    segment_ids: jax.Array  # [B,S] int32: each slot's segment id (-1: empty, 0: padding)
 
 
 class Attention(nnx.Module):
@@ -46,20 +69,20 @@ class Attention(nnx.Module):
             y = y + getattr(self, bias_name)[...].astype(x.dtype)
         return y
 
-    def __call__(self, x, cos, sin, positions, segment_ids):
-        """x [B,T,D]; cos/sin [B,T,Dh]; positions/segment_ids [B,T] -> [B,T,D]."""
+    def _qkv(self, x, cos, sin):
+        """x [B,T,D] -> q [B,T,H,Dh], k, v [B,T,K,Dh], normalised and rotated."""
         cfg = self.cfg
-        q = self._project(x, self.q_kernel, "q_bias")  # [B,T,H,Dh]
-        k = self._project(x, self.k_kernel, "k_bias")  # [B,T,K,Dh]
+        q = self._project(x, self.q_kernel, "q_bias")
+        k = self._project(x, self.k_kernel, "k_bias")
         v = self._project(x, self.v_kernel, "v_bias")
         if cfg.qk_norm:
             q = rms_norm(q, self.q_norm[...], cfg.rms_norm_eps, cfg.norm_zero_centered)
             k = rms_norm(k, self.k_norm[...], cfg.rms_norm_eps, cfg.norm_zero_centered)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        o = attention(
-            q, k, v, q_pos=positions, kv_pos=positions, q_seg=segment_ids, kv_seg=segment_ids,
-            causal=True, block_q=cfg.attn_block, block_kv=cfg.attn_block,
-        )
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def _output(self, x, o):
+        """Attention output o [B,T,H,Dh] (gated by x [B,T,D] if configured) -> [B,T,D]."""
+        cfg = self.cfg
         if cfg.attention_output_gate:
             gate = self._project(x, self.gate_kernel, "gate_bias")
             o = o * jax.nn.sigmoid(gate)
@@ -68,3 +91,27 @@ class Attention(nnx.Module):
         if cfg.o_bias:
             out = out + self.o_bias[...].astype(x.dtype)
         return out
+
+    def __call__(self, x, cos, sin, positions, segment_ids):
+        """x [B,T,D]; cos/sin [B,T,Dh]; positions/segment_ids [B,T] -> [B,T,D]."""
+        cfg = self.cfg
+        q, k, v = self._qkv(x, cos, sin)
+        # Blockwise on one device; ring attention when the sequence is split over `context`.
+        o = causal_attention(q, k, v, positions, segment_ids, block=cfg.attn_block)
+        return self._output(x, o)
+
+    def extend(self, x, cos, sin, positions, segment_ids, cache: KVCache, slots: CacheSlots):
+        """As `__call__` for T new tokens that also see every earlier token in `cache`; their
+        keys and values are written at slots [index, index + T). Returns (out, new cache)."""
+        cfg = self.cfg
+        q, k, v = self._qkv(x, cos, sin)
+        start = (0, slots.index, 0, 0)
+        k_all = jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), start)
+        v_all = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), start)
+        masks = dict(q_pos=positions, kv_pos=slots.positions, q_seg=segment_ids,
+                     kv_seg=slots.segment_ids, causal=True)
+        if x.shape[1] == 1:  # decoding: one query row, so a dense pass over the slots is cheapest
+            o = dense_attention(q, k_all, v_all, **masks)
+        else:  # prefill chunk: blockwise, skipping the empty slots' blocks
+            o = attention(q, k_all, v_all, **masks, block_q=cfg.attn_block, block_kv=cfg.attn_block)
+        return self._output(x, o), KVCache(k_all, v_all)

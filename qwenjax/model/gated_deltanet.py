@@ -10,9 +10,15 @@ Dimension letters: B batch, T length, D model, Hk/Hv key/value heads, Dk/Dv head
 The conv weight is kept as three parameters (q, k, v channels) so each can be sharded by heads;
 `hf/names.py` splits and joins HF's single `conv1d.weight [C, 1, K]`. Packed documents: the conv
 window and the recurrent state both restart at each document start (segment ids).
+
+`extend` is the inference path: it continues a `RecurrentState` (the last K-1 pre-conv q/k/v
+inputs and the delta-rule state) over T new tokens, so prefill chunks and decoding steps give
+exactly what one pass over the whole sequence gives.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -20,28 +26,21 @@ from flax import nnx
 
 from qwenjax.config import ModelConfig
 from qwenjax.model.layers import make_param
-from qwenjax.ops.delta_rule import delta_rule_chunked
+from qwenjax.model.sequence_ops import conv, delta_rule
+from qwenjax.ops.delta_rule import causal_conv, delta_rule_chunked, delta_rule_step
 
 F32 = jnp.float32
 
 
-def causal_conv(x, weight, segment_ids):
-    """Depthwise causal conv: x [B,T,H,Dh], weight [K,H,Dh] -> [B,T,H,Dh] (in x.dtype).
+class RecurrentState(NamedTuple):
+    """One Gated DeltaNet layer's cache: the conv windows (the last K-1 pre-conv inputs,
+    [B,K-1,Hk,Dk] for q and k, [B,K-1,Hv,Dv] for v, compute dtype) and the delta-rule state
+    [B,Hv,Dk,Dv] (fp32)."""
 
-    out[t] = sum_j weight[j] * x[t - (K-1) + j], where inputs from an earlier document (or
-    before the sequence) count as zero, exactly as if each document were convolved alone.
-    """
-    K = weight.shape[0]
-    T = x.shape[1]
-    out = jnp.zeros(x.shape, F32)
-    for j in range(K):  # K is 4: a static unroll over kernel taps, not over tokens
-        shift = K - 1 - j
-        if shift >= T:
-            continue
-        xs = jnp.pad(x, ((0, 0), (shift, 0), (0, 0), (0, 0)))[:, :T]
-        same = jnp.pad(segment_ids, ((0, 0), (shift, 0)), constant_values=-1)[:, :T] == segment_ids
-        out = out + jnp.where(same[:, :, None, None], xs, 0).astype(F32) * weight[j].astype(F32)
-    return out.astype(x.dtype)
+    q_window: jax.Array
+    k_window: jax.Array
+    v_window: jax.Array
+    state: jax.Array
 
 
 class GatedDeltaNet(nnx.Module):
@@ -64,9 +63,8 @@ class GatedDeltaNet(nnx.Module):
         self.norm = make_param(rngs, (Dv,), ("norm",), pd, "ones")
         self.out_kernel = make_param(rngs, (Hv, Dv, D), ("linear_v_heads", "head_dim", "embed"), pd)
 
-    def __call__(self, x, segment_ids, valid):
-        """x [B,T,D]; segment_ids/valid [B,T] -> [B,T,D]."""
-        cfg = self.cfg
+    def _project(self, x, valid):
+        """x [B,T,D] -> pre-conv q, k, v, gate z, and fp32 beta, g [B,T,Hv]."""
         dt = x.dtype
         c = lambda p: p[...].astype(dt)  # noqa: E731
         x = x * valid[:, :, None].astype(dt)  # padding contributes nothing, as in transformers
@@ -76,20 +74,53 @@ class GatedDeltaNet(nnx.Module):
         z = jnp.einsum("btd,dhk->bthk", x, c(self.z_kernel))
         b = jnp.einsum("btd,dh->bth", x, c(self.b_kernel))
         a = jnp.einsum("btd,dh->bth", x, c(self.a_kernel))
-        q = jax.nn.silu(causal_conv(q, self.q_conv[...], segment_ids))
-        k = jax.nn.silu(causal_conv(k, self.k_conv[...], segment_ids))
-        v = jax.nn.silu(causal_conv(v, self.v_conv[...], segment_ids))
         beta = jax.nn.sigmoid(b)
         g = -jnp.exp(self.A_log[...].astype(F32)) * jax.nn.softplus(
             a.astype(F32) + self.dt_bias[...].astype(F32)
         )
+        return q, k, v, z, beta, g
+
+    def _output(self, o, z):
+        """Delta-rule output o [B,T,Hv,Dv], gate z -> [B,T,D] in z's dtype."""
+        dt = z.dtype
+        # Gated RMSNorm: normalise o in fp32, scale by w in the compute dtype, gate by SiLU(z).
+        of = o.astype(F32)
+        of = of * jax.lax.rsqrt(jnp.mean(of * of, axis=-1, keepdims=True) + self.cfg.rms_norm_eps)
+        o = self.norm[...].astype(dt) * of.astype(dt)
+        o = (o.astype(F32) * jax.nn.silu(z.astype(F32))).astype(dt)
+        return jnp.einsum("bthk,hkd->btd", o, self.out_kernel[...].astype(dt))
+
+    def __call__(self, x, segment_ids, valid):
+        """x [B,T,D]; segment_ids/valid [B,T] -> [B,T,D]."""
+        cfg = self.cfg
+        q, k, v, z, beta, g = self._project(x, valid)
+        # conv / delta_rule run sequence-parallel when the sequence is split over `context`.
+        q = jax.nn.silu(conv(q, self.q_conv[...], segment_ids, "linear_k_heads"))
+        k = jax.nn.silu(conv(k, self.k_conv[...], segment_ids, "linear_k_heads"))
+        v = jax.nn.silu(conv(v, self.v_conv[...], segment_ids, "linear_v_heads"))
         repeat = cfg.linear_num_value_heads // cfg.linear_num_key_heads
         if repeat > 1:  # value head h reads key head h // repeat
             q, k = jnp.repeat(q, repeat, axis=2), jnp.repeat(k, repeat, axis=2)
-        o, _ = delta_rule_chunked(q, k, v, g, beta, use_qk_l2norm=True, segment_ids=segment_ids)
-        # Gated RMSNorm: normalise o in fp32, scale by w in the compute dtype, gate by SiLU(z).
-        of = o.astype(F32)
-        of = of * jax.lax.rsqrt(jnp.mean(of * of, axis=-1, keepdims=True) + cfg.rms_norm_eps)
-        o = self.norm[...].astype(dt) * of.astype(dt)
-        o = (o.astype(F32) * jax.nn.silu(z.astype(F32))).astype(dt)
-        return jnp.einsum("bthk,hkd->btd", o, c(self.out_kernel))
+        return self._output(delta_rule(q, k, v, g, beta, segment_ids), z)
+
+    def extend(self, x, segment_ids, valid, cache: RecurrentState):
+        """As `__call__` for T new tokens continuing the sequence held in `cache` (one document
+        per row; padding, being zeroed, leaves a zero state zero). Returns (out, new cache)."""
+        q, k, v, z, beta, g = self._project(x, valid)
+        T = x.shape[1]
+        convolved, windows = [], []
+        for new, window, weight in ((q, cache.q_window, self.q_conv),
+                                    (k, cache.k_window, self.k_conv),
+                                    (v, cache.v_window, self.v_conv)):
+            seq = jnp.concatenate([window.astype(new.dtype), new], axis=1)  # [B,K-1+T,...]
+            ones = jnp.ones(seq.shape[:2], jnp.int32)  # the window is this row's own past
+            convolved.append(jax.nn.silu(causal_conv(seq, weight[...], ones)[:, -T:]))
+            windows.append(seq[:, seq.shape[1] - window.shape[1]:].astype(window.dtype))
+        q, k, v = convolved
+        if T == 1:
+            o, state = delta_rule_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], cache.state)
+            o = o[:, None]
+        else:
+            o, state = delta_rule_chunked(q, k, v, g, beta, initial_state=cache.state,
+                                          segment_ids=segment_ids)
+        return self._output(o, z), RecurrentState(*windows, state)

@@ -1,0 +1,77 @@
+"""The sequence-mixing ops as the layers call them: on one device (or any mesh without a
+`context` axis) the blockwise attention / chunked delta rule / causal conv; with `context` > 1 in
+the current mesh (`sharding.activate`) their sequence-parallel forms — ring attention and the
+parallel delta-rule scan with conv halos — on token arrays already in the context layout.
+
+Everything else in a layer (projections, norms, MLP / MoE) is token-parallel, so these three
+calls are the only places where sequence parallelism shows in the model.
+
+Dimension letters: B batch, T length, H heads, K kv heads, Dh head dim, Dk/Dv delta-rule dims.
+"""
+
+from __future__ import annotations
+
+from qwenjax.ops.attention import attention
+from qwenjax.ops.delta_rule import causal_conv, delta_rule_chunked
+from qwenjax.ops.delta_rule_parallel import (
+    causal_conv_sequence_parallel,
+    delta_rule_sequence_parallel,
+)
+from qwenjax.ops.ring_attention import ring_attention
+from qwenjax.sharding import context_parallel, mesh_axes
+
+
+def _axes(logical: str, size: int):
+    axes = mesh_axes(logical, size)
+    return axes or None
+
+
+def causal_attention(q, k, v, positions, segment_ids, *, block: int):
+    """q [B,T,H,Dh], k/v [B,T,K,Dh]; positions/segment_ids [B,T] -> [B,T,H,Dh]."""
+    ctx = context_parallel()
+    if ctx is None:
+        return attention(q, k, v, q_pos=positions, kv_pos=positions, q_seg=segment_ids,
+                         kv_seg=segment_ids, causal=True, block_q=block, block_kv=block)
+    mesh, _ = ctx
+    heads = _axes("act_heads", q.shape[2])
+    if heads is not None and k.shape[2] % _size(mesh, heads):
+        heads = None  # kv heads do not split as the query heads do: keep heads whole
+    return ring_attention(
+        q, k, v, mesh=mesh, causal=True, q_positions=positions, kv_positions=positions,
+        q_segment_ids=segment_ids, kv_segment_ids=segment_ids, block_q=block, block_kv=block,
+        batch_axes=_axes("batch", q.shape[0]), head_axes=heads,
+    )
+
+
+def conv(x, weight, segment_ids, heads_logical: str):
+    """Depthwise causal conv, x [B,T,H,Dh], weight [K,H,Dh]; window restarts per document."""
+    ctx = context_parallel()
+    if ctx is None:
+        return causal_conv(x, weight, segment_ids)
+    mesh, layout = ctx
+    return causal_conv_sequence_parallel(
+        x, weight, segment_ids, mesh=mesh, layout=layout,
+        batch_axes=_axes("batch", x.shape[0]), head_axes=_axes(heads_logical, x.shape[2]),
+    )
+
+
+def delta_rule(q, k, v, g, beta, segment_ids):
+    """Gated delta rule over the sequence (q, k already repeated to v's heads) -> [B,T,H,Dv]."""
+    ctx = context_parallel()
+    if ctx is None:
+        out, _ = delta_rule_chunked(q, k, v, g, beta, use_qk_l2norm=True, segment_ids=segment_ids)
+        return out
+    mesh, layout = ctx
+    out, _ = delta_rule_sequence_parallel(
+        q, k, v, g, beta, mesh=mesh, layout=layout, segment_ids=segment_ids,
+        use_qk_l2norm=True, batch_axes=_axes("batch", v.shape[0]),
+        head_axes=_axes("linear_v_heads", v.shape[2]),
+    )
+    return out
+
+
+def _size(mesh, axes) -> int:
+    n = 1
+    for a in axes:
+        n *= mesh.shape[a]
+    return n
