@@ -34,6 +34,9 @@ def parse_args(argv=None):
     ap.add_argument("--param-dtype", default="float32")
     ap.add_argument("--remat", default="full")
     ap.add_argument("--layout", default="zigzag", help="context layout when context > 1")
+    ap.add_argument("--capacity", type=float, default=0.0,
+                    help="MoE capacity factor (0 = dropless, whose CPU exchange buffers are "
+                         "sized for the worst case: expert x the routed rows)")
     ap.add_argument("--fits", type=float, default=0.0, help="device memory in GiB to check")
     return ap.parse_args(argv)
 
@@ -65,7 +68,7 @@ def main(argv=None):
         shape = {k: int(v) for k, v in (p.split("=") for p in a.mesh.split(",") if p)}
         mesh = make_mesh(shape)
         cfg = load_preset(a.preset).replace(dtype=a.dtype, param_dtype=a.param_dtype,
-                                            remat=a.remat)
+                                            remat=a.remat, moe_capacity_factor=a.capacity)
     except (QwenJaxError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -118,6 +121,7 @@ def main(argv=None):
         "preset": a.preset, "devices": a.devices,
         "mesh": {k: v for k, v in mesh.shape.items() if v > 1}, "batch": B, "seq_len": T,
         "dtype": a.dtype, "param_dtype": a.param_dtype, "remat": a.remat,
+        "capacity_factor": a.capacity,
         "per_device_bytes": {"arguments": args_b, "outputs": out_b, "aliased": alias_b,
                              "temporaries": temp_b, "generated_code": code_b},
         "peak_gib": round(peak / gib, 2),
