@@ -153,6 +153,17 @@ def test_multi_needle_order_and_ruler_lengths(tok):
         )
 
 
+def test_prompts_are_deterministic_from_the_seed(tok):
+    ctx = TaskContext(tok, SentenceSource(tok, "essay"))
+    cfg = EvalConfig(lengths=[700], depths=[0.5], samples=2, seed=5)
+    for task in ("niah_multikey", "variable_tracking", "common_words"):
+        a, b = runner.build_samples(task, ctx, cfg), runner.build_samples(task, ctx, cfg)
+        assert [x.prompt for x in a] == [x.prompt for x in b]
+        assert a[0].prompt != a[1].prompt
+        other = runner.build_samples(task, ctx, EvalConfig(lengths=[700], depths=[0.5], seed=6))
+        assert other[0].prompt != a[0].prompt
+
+
 def test_too_short_length_is_a_clear_error(tok):
     from qwenjax.errors import ConfigError
 

@@ -68,7 +68,8 @@ def _keys(ctx: TaskContext, rng: np.random.Generator, n: int) -> list[str]:
     while len(keys) < n:
         a, b = rng.choice(len(words), 2, replace=False)
         keys.add(f"{words[a]}-{words[b]}")
-    return sorted(keys, key=lambda k: rng.random())
+    # Sorted first: set order varies between processes (string hashing is salted).
+    return [sorted(keys)[i] for i in rng.permutation(len(keys))]
 
 
 def _niah(

@@ -46,7 +46,8 @@ def _var_names(rng: np.random.Generator, n: int) -> list[str]:
     names: set[str] = set()
     while len(names) < n:
         names.add("".join(rng.choice(list(string.ascii_uppercase), 5)))
-    return sorted(names, key=lambda k: rng.random())
+    # Sorted first: set order varies between processes (string hashing is salted).
+    return [sorted(names)[i] for i in rng.permutation(len(names))]
 
 
 def variable_tracking(
