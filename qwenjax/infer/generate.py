@@ -1,22 +1,42 @@
-"""Batched sampling from a causal LM: greedy or temperature / top-k, stop tokens.
+"""Batched generation with a KV / recurrent-state cache: prefill, then a jitted decoding loop.
 
-This version keeps no KV cache: the whole [B, P+N] buffer is re-run through the model for every
-new token inside one jitted `fori_loop` (static shapes, compiled once per (B, P+N)). Causal
-masking makes a row's logits at its last real token independent of the unwritten tail, so the
-result is exact for prompts of different lengths; cost is O(N * (P+N)^2), fine for short samples
-and tests. (A KV / recurrent-state cache is the job of the inference issue.)
+`generate` left-pads the prompts to a common length P (a multiple of the prefill chunk C), fills
+the cache chunk by chunk (`cache.prefill`), then decodes inside one `lax.while_loop` that ends
+when every row has met a stop token or `max_new_tokens` are out: no host round trip per token.
+Shapes are static, so each (batch, P, max_new_tokens, greedy or not) compiles once; prompt
+lengths are rounded up to a multiple of 16 (or of C) so nearby lengths share a compilation.
+`generate_stream` runs the same computation one jitted step per token (batch 1), yielding ids
+as they come; with the same seed it yields what `generate` returns, since token i is always
+drawn with the key `fold_in(key(seed), i)`.
+
+Also here, for the `qwenjax generate` command: `load_for_inference` (model + tokenizer from an
+HF directory or a qwenjax parameter checkpoint), `chat_prompt` (the tokenizer's chat template,
+ChatML by default) and `default_stop_tokens`.
+
+Dimension letters: B batch, P padded prompt length, N new tokens, V vocab.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from functools import partial
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from qwenjax.model.transformer import CausalLM
+from qwenjax.config import WRAPPER_KEY
+from qwenjax.data.tokenizer import HFTokenizer, load_tokenizer
+from qwenjax.errors import ConfigError
+from qwenjax.infer.cache import decode_step, init_cache, left_pad, prefill
+from qwenjax.infer.sampling import Sampling, sample
+from qwenjax.model.transformer import Cache, CausalLM
+
+_ROUND = 16  # prompt lengths are padded to a multiple of this (fewer distinct compilations)
+NO_TOKEN = -1  # in the decode buffer: nothing (the row had already stopped)
 
 
 def generate(
@@ -26,52 +46,249 @@ def generate(
     max_new_tokens: int = 32,
     temperature: float = 0.0,
     top_k: int = 0,
+    top_p: float = 1.0,
+    stop_tokens: Sequence[int] | Sequence[Sequence[int]] = (),
+    seed: int = 0,
+    prefill_chunk: int = 512,
+) -> list[list[int]]:
+    """prompts (lists of token ids) -> the new tokens of each, up to a stop token (excluded).
+
+    temperature 0 is greedy; otherwise logits / temperature, filtered by top_k (0: off) and
+    top_p (1: off), are sampled with `seed`. `stop_tokens` is one list for every row or one list
+    per row. Prompts longer than `prefill_chunk` are prefilled in chunks of that many tokens.
+    """
+    if max_new_tokens < 1:
+        return [[] for _ in prompts]
+    sampling = Sampling(temperature, top_k, top_p).check()
+    ids, positions, segs, chunk = _layout(prompts, prefill_chunk)
+    stops = _stop_array(stop_tokens, len(prompts))
+    graphdef, params = nnx.split(model)
+    key = jax.random.key(seed)
+    P = ids.shape[1]
+    first, cache = _prefill(
+        graphdef,
+        params,
+        ids,
+        positions,
+        segs,
+        key,
+        sampling.arrays(),
+        slots=P + max_new_tokens,
+        chunk=chunk,
+        greedy=sampling.greedy,
+    )
+    out = _decode(
+        graphdef,
+        params,
+        cache,
+        first,
+        jnp.asarray(segs.sum(1)),
+        stops,
+        key,
+        sampling.arrays(),
+        steps=max_new_tokens,
+        greedy=sampling.greedy,
+    )
+    return [
+        _cut(row, {s for s in row_stops if s >= 0})
+        for row, row_stops in zip(np.asarray(out).tolist(), np.asarray(stops).tolist())
+    ]
+
+
+def generate_stream(
+    model: CausalLM,
+    prompt: Sequence[int],
+    *,
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
     stop_tokens: Sequence[int] = (),
     seed: int = 0,
-) -> list[list[int]]:
-    """prompts (lists of token ids) -> new tokens per prompt (up to a stop token, excluded)."""
+    prefill_chunk: int = 512,
+) -> Iterator[int]:
+    """Yield the new token ids of one prompt as they are decoded (a stop token ends the stream
+    and is not yielded). Same tokens as `generate([prompt], ...)[0]` for the same settings."""
+    sampling = Sampling(temperature, top_k, top_p).check()
+    ids, positions, segs, chunk = _layout([prompt], prefill_chunk)
+    stops = {int(t) for t in stop_tokens}
+    graphdef, params = nnx.split(model)
+    key = jax.random.key(seed)
+    P = ids.shape[1]
+    settings, greedy = sampling.arrays(), sampling.greedy
+    token, cache = _prefill(
+        graphdef,
+        params,
+        ids,
+        positions,
+        segs,
+        key,
+        settings,
+        slots=P + max_new_tokens,
+        chunk=chunk,
+        greedy=greedy,
+    )
+    position = len(prompt)
+    for i in range(1, max_new_tokens + 1):
+        t = int(token[0])
+        if t in stops:
+            return
+        yield t
+        if i == max_new_tokens:
+            return
+        token, cache = _step(
+            graphdef,
+            params,
+            cache,
+            token,
+            jnp.full((1,), position, jnp.int32),
+            jax.random.fold_in(key, i),
+            settings,
+            greedy=greedy,
+        )
+        position += 1
+
+
+# ---- jitted pieces ------------------------------------------------------------------------------
+
+
+@partial(jax.jit, static_argnames=("graphdef", "slots", "chunk", "greedy"))
+def _prefill(graphdef, params, ids, positions, segs, key, sampling, *, slots, chunk, greedy):
+    """Empty cache of `slots` slots, filled with the prompts -> (first new tokens [B], cache)."""
+    model = nnx.merge(graphdef, params)
+    cache = init_cache(model.config, ids.shape[0], slots)
+    logits, cache = prefill(model, cache, ids, positions, segs, chunk=chunk)
+    return sample(logits, jax.random.fold_in(key, 0), sampling, greedy), cache
+
+
+@partial(jax.jit, static_argnames=("graphdef", "steps", "greedy"))
+def _decode(graphdef, params, cache: Cache, first, lengths, stops, key, sampling, *, steps, greedy):
+    """Decode up to `steps` tokens per row, the first given. lengths [B]: prompt tokens per row
+    (the position of the first new token); stops [B,n]. -> [B,steps] ids, NO_TOKEN after a stop.
+    """
+    model = nnx.merge(graphdef, params)
+    B = first.shape[0]
+    out = jnp.full((B, steps), NO_TOKEN, jnp.int32).at[:, 0].set(first)
+    done = _is_stop(first, stops)
+
+    def cond(carry):
+        i, _, _, _, done = carry
+        return (i < steps) & ~jnp.all(done)
+
+    def body(carry):
+        i, token, cache, out, done = carry
+        logits, cache = decode_step(model, cache, token, lengths + i - 1)
+        token = sample(logits, jax.random.fold_in(key, i), sampling, greedy)
+        token = jnp.where(done, NO_TOKEN, token)  # a stopped row adds nothing
+        out = jax.lax.dynamic_update_slice(out, token[:, None], (0, i))
+        return i + 1, jnp.maximum(token, 0), cache, out, done | _is_stop(token, stops)
+
+    _, _, _, out, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), first, cache, out, done))
+    return out
+
+
+@partial(jax.jit, static_argnames=("graphdef", "greedy"), donate_argnames="cache")
+def _step(graphdef, params, cache, token, position, key, sampling, *, greedy):
+    """One decoding step for streaming: token [B] at position [B] -> (next token [B], cache)."""
+    model = nnx.merge(graphdef, params)
+    logits, cache = decode_step(model, cache, token, position)
+    return sample(logits, key, sampling, greedy), cache
+
+
+# ---- host-side helpers ---------------------------------------------------------------------------
+
+
+def _layout(prompts: Sequence[Sequence[int]], prefill_chunk: int):
+    """Left-padded (ids, positions, segment ids) [B,P] and the prefill chunk C (P % C == 0)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
-    B = len(prompts)
-    lengths = np.array([len(p) for p in prompts], np.int32)
-    total = int(lengths.max()) + max_new_tokens
-    buf = np.zeros((B, total), np.int32)
-    for b, p in enumerate(prompts):
-        buf[b, : len(p)] = p
-    graphdef, params = nnx.split(model)
-    out = _sample(graphdef, params, jnp.asarray(buf), jnp.asarray(lengths), max_new_tokens,
-                  float(temperature), int(top_k), jax.random.key(seed))
-    out = np.asarray(out)
-    results = []
-    stops = set(int(t) for t in stop_tokens)
-    for b in range(B):
-        new = out[b, lengths[b]: lengths[b] + max_new_tokens].tolist()
-        for i, t in enumerate(new):
-            if t in stops:
-                new = new[:i]
-                break
-        results.append(new)
-    return results
+    if prefill_chunk < 1:
+        raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+    longest = max(len(p) for p in prompts)
+    chunk = min(prefill_chunk, -(-longest // _ROUND) * _ROUND)
+    ids, positions, segs = left_pad(prompts, -(-longest // chunk) * chunk)
+    return ids, positions, segs, chunk
 
 
-@jax.jit(static_argnums=(0, 4, 5, 6))
-def _sample(graphdef, params, buf, lengths, steps, temperature, top_k, key):
-    model = nnx.merge(graphdef, params)
-    rows = jnp.arange(buf.shape[0])
+def _stop_array(stop_tokens, batch: int) -> jax.Array:
+    """One stop list for all rows, or one per row -> [B,n] int32 padded with -1 (n >= 1)."""
+    per_row = bool(stop_tokens) and all(isinstance(s, (list, tuple)) for s in stop_tokens)
+    rows = [list(s) for s in stop_tokens] if per_row else [list(stop_tokens)] * batch
+    if len(rows) != batch:
+        raise ValueError(f"{len(rows)} stop-token lists for {batch} prompts")
+    n = max(1, max(len(r) for r in rows))
+    return jnp.asarray([r + [-1] * (n - len(r)) for r in rows], jnp.int32)
 
-    def body(i, carry):
-        buf, key = carry
-        logits = model(buf)[rows, lengths + i - 1]  # [B, V] at each row's last token
-        key, sub = jax.random.split(key)
-        if temperature == 0.0:
-            token = jnp.argmax(logits, axis=-1)
-        else:
-            logits = logits / temperature
-            if top_k:
-                kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
-                logits = jnp.where(logits < kth, -jnp.inf, logits)
-            token = jax.random.categorical(sub, logits, axis=-1)
-        return buf.at[rows, lengths + i].set(token.astype(buf.dtype)), key
 
-    buf, _ = jax.lax.fori_loop(0, steps, body, (buf, key))
-    return buf
+def _is_stop(tokens, stops):
+    return jnp.any((tokens[:, None] == stops) & (stops >= 0), axis=-1)
+
+
+def _cut(row: list[int], stops: set[int]) -> list[int]:
+    for i, t in enumerate(row):
+        if t in stops or t == NO_TOKEN:
+            return row[:i]
+    return row
+
+
+# ---- loading and prompts (for the CLI) ----------------------------------------------------------
+
+
+def load_for_inference(
+    hf_dir: str | os.PathLike | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
+    *,
+    dtype: str = "float32",
+    mesh: jax.sharding.Mesh | None = None,
+) -> tuple[CausalLM, HFTokenizer | None]:
+    """(model, tokenizer) from a Hugging Face directory or a qwenjax parameter checkpoint (give
+    exactly one). The tokenizer is read from `tokenizer.json` in that directory; None if absent.
+    """
+    if (hf_dir is None) == (checkpoint_dir is None):
+        raise ConfigError("load_for_inference: give exactly one of hf_dir and checkpoint_dir")
+    if hf_dir is not None:
+        from qwenjax.hf.convert import from_pretrained
+
+        directory = Path(hf_dir)
+        model = from_pretrained(directory, dtype=dtype, mesh=mesh)
+    else:
+        from qwenjax.train.checkpoint import load_params
+
+        directory = Path(checkpoint_dir)
+        model = load_params(directory, mesh=mesh, dtype=dtype)
+    tokenizer = load_tokenizer(directory) if (directory / "tokenizer.json").is_file() else None
+    return model, tokenizer
+
+
+def chat_prompt(
+    tokenizer: HFTokenizer,
+    messages: Sequence[Mapping[str, str]],
+    *,
+    add_generation_prompt: bool = True,
+) -> list[int]:
+    """Token ids of a conversation ([{"role": ..., "content": ...}, ...]) rendered with the
+    tokenizer's chat template (ChatML, as Qwen chat models use, if it has none)."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    from qwenjax.data.qwen_vocab import CHATML_TEMPLATE
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    template = env.from_string(tokenizer.chat_template or CHATML_TEMPLATE)
+    text = template.render(messages=list(messages), add_generation_prompt=add_generation_prompt)
+    return tokenizer.encode(text)
+
+
+def default_stop_tokens(model: CausalLM, tokenizer: HFTokenizer | None = None) -> list[int]:
+    """The checkpoint's eos ids (config.json / generation_config.json), the tokenizer's eos, and
+    ChatML's end of turn `<|im_end|>` where the vocabulary has it."""
+    extra = model.config.extra
+    ids: list[int] = []
+    for source in (extra.get(WRAPPER_KEY, {}), extra):  # Qwen3.5 keeps token ids in the wrapper
+        eos = source.get("eos_token_id") if isinstance(source, dict) else None
+        ids += eos if isinstance(eos, list) else [eos] if isinstance(eos, int) else []
+    if tokenizer is not None:
+        ids.append(tokenizer.eos_id)
+        im_end = tokenizer.backend.token_to_id("<|im_end|>")
+        if im_end is not None:
+            ids.append(im_end)
+    return sorted(set(ids))

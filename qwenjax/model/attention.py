@@ -108,8 +108,8 @@ class Attention(nnx.Module):
         start = (0, slots.index, 0, 0)
         k_all = jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), start)
         v_all = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), start)
-        masks = dict(q_pos=positions, kv_pos=slots.positions, q_seg=segment_ids,
-                     kv_seg=slots.segment_ids, causal=True)
+        masks = {"q_pos": positions, "kv_pos": slots.positions, "q_seg": segment_ids,
+                 "kv_seg": slots.segment_ids, "causal": True}
         if x.shape[1] == 1:  # decoding: one query row, so a dense pass over the slots is cheapest
             o = dense_attention(q, k_all, v_all, **masks)
         else:  # prefill chunk: blockwise, skipping the empty slots' blocks

@@ -66,7 +66,7 @@ class GatedDeltaNet(nnx.Module):
     def _project(self, x, valid):
         """x [B,T,D] -> pre-conv q, k, v, gate z, and fp32 beta, g [B,T,Hv]."""
         dt = x.dtype
-        c = lambda p: p[...].astype(dt)  # noqa: E731
+        c = lambda p: p[...].astype(dt)
         x = x * valid[:, :, None].astype(dt)  # padding contributes nothing, as in transformers
         q = jnp.einsum("btd,dhk->bthk", x, c(self.q_kernel))
         k = jnp.einsum("btd,dhk->bthk", x, c(self.k_kernel))

