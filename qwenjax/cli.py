@@ -4,6 +4,7 @@
     qwenjax import-hf HF_DIR CKPT_DIR     HF checkpoint -> Orbax parameter checkpoint
     qwenjax export-hf CKPT_DIR HF_DIR     Orbax parameter checkpoint -> HF directory
     qwenjax eval EXPERIMENT.yaml [--set ...] [--run-dir DIR] [--out DIR]   long-context eval
+    qwenjax generate (--hf DIR | --checkpoint DIR) --prompt TEXT [--chat] [sampling flags]
 
 Bad input (a QwenJaxError) prints one line `qwenjax: error: ...` and exits with status 2.
 """
@@ -77,6 +78,40 @@ def cmd_export_hf(args) -> None:
     print(f"wrote {args.hf_dir} ({time.time() - t0:.1f}s)", file=sys.stderr)
 
 
+def cmd_generate(args) -> None:
+    from qwenjax.errors import ConfigError
+    from qwenjax.infer.generate import (
+        chat_prompt,
+        default_stop_tokens,
+        generate_stream,
+        load_for_inference,
+    )
+
+    model, tokenizer = load_for_inference(args.hf, args.checkpoint, dtype=args.dtype)
+    if tokenizer is None:
+        raise ConfigError(f"no tokenizer.json in {args.hf or args.checkpoint}")
+    if args.chat:
+        messages = [{"role": "system", "content": args.system}] if args.system else []
+        ids = chat_prompt(tokenizer, messages + [{"role": "user", "content": args.prompt}])
+    else:
+        ids = tokenizer.encode(args.prompt)
+    stream = generate_stream(
+        model, ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+        top_k=args.top_k, top_p=args.top_p, stop_tokens=default_stop_tokens(model, tokenizer),
+        seed=args.seed,
+    )
+    # Decode the growing sequence and print only the new characters: a multi-byte character
+    # split over tokens appears once it is complete.
+    new, shown = [], ""
+    for token in stream:
+        new.append(token)
+        text = tokenizer.decode(new)
+        if not text.endswith("\ufffd"):
+            print(text[len(shown):], end="", flush=True)
+            shown = text
+    print(tokenizer.decode(new)[len(shown):], flush=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qwenjax", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -98,6 +133,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", help="the run whose model to evaluate (default runs/NAME)")
     p.add_argument("--out", help="output directory (default eval.output_dir or RUN_DIR/eval)")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("generate", help="sample from a model, streaming tokens as they come")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--hf", help="Hugging Face directory (with tokenizer.json)")
+    src.add_argument("--checkpoint", help="qwenjax parameter checkpoint (import-hf output)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    p.add_argument("--system", help="system message (with --chat)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="float32")
+    p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("import-hf", help="Hugging Face directory -> Orbax parameter checkpoint")
     p.add_argument("hf_dir")
