@@ -65,16 +65,18 @@ class DataConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class TokenizerConfig:
-    kind: str = "bpe"  # bpe: train a byte-level BPE on the data | hf: a tokenizer.json path
+    # bpe: train a byte-level BPE on the data | hf: a tokenizer.json path | sentencepiece: a
+    # SentencePiece .model path (converted to a tokenizer.json pipeline, qwenjax/data/spm.py)
+    kind: str = "bpe"
     vocab_size: int = 512  # for bpe
-    path: str = ""  # for hf
+    path: str = ""  # for hf and sentencepiece
     train_docs: int = 2000  # documents the BPE is trained on
 
     def __post_init__(self):
-        if self.kind not in ("bpe", "hf"):
-            raise ConfigError(f"tokenizer.kind {self.kind!r} is not one of bpe, hf")
-        if self.kind == "hf" and not self.path:
-            raise ConfigError("tokenizer.path is required for tokenizer.kind=hf")
+        if self.kind not in ("bpe", "hf", "sentencepiece"):
+            raise ConfigError(f"tokenizer.kind {self.kind!r} is not one of bpe, hf, sentencepiece")
+        if self.kind != "bpe" and not self.path:
+            raise ConfigError(f"tokenizer.path is required for tokenizer.kind={self.kind}")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -1,8 +1,8 @@
 """Tokenizers: the small `Tokenizer` protocol packing needs, and the HF `tokenizers` one we use.
 
 Every tokenizer here is a Hugging Face `tokenizers.Tokenizer` underneath, so one class
-(`HFTokenizer`) covers a BPE trained here (`train_bpe`), any `tokenizer.json` (`load_tokenizer`)
-and the Qwen vocabularies (`qwenjax.data.qwen_vocab`), and `save` writes files that
+(`HFTokenizer`) covers a BPE trained here (`train_bpe`), any `tokenizer.json` or SentencePiece
+`.model` (`load_tokenizer`; the latter converted in `qwenjax.data.spm`) and the Qwen vocabularies (`qwenjax.data.qwen_vocab`), and `save` writes files that
 `transformers.AutoTokenizer.from_pretrained(dir)` loads, so an exported model ships its tokenizer.
 
 `train_bpe` is byte-level (every string maps to bytes, and the 256 byte symbols are always in the
@@ -180,12 +180,18 @@ def _token_name(value: object) -> str | None:
 
 
 def load_tokenizer(path: str | os.PathLike) -> HFTokenizer:
-    """Load a Hugging Face `tokenizer.json` (a file, or a directory holding one).
+    """Load a Hugging Face `tokenizer.json` (a file, or a directory holding one), or a
+    SentencePiece `.model` file.
 
-    The eos and pad tokens come from `tokenizer_config.json` beside it when it names them;
-    otherwise `<|endoftext|>` is used for both, as in Qwen base models.
+    For `tokenizer.json`, the eos and pad tokens come from `tokenizer_config.json` beside it when
+    it names them; otherwise `<|endoftext|>` is used for both, as in Qwen base models. A
+    SentencePiece model names its own.
     """
     path = Path(path)
+    if path.suffix == ".model":
+        from qwenjax.data.spm import load_sentencepiece
+
+        return load_sentencepiece(path)
     file = path / "tokenizer.json" if path.is_dir() else path
     if not file.is_file():
         raise ConfigError(f"{path}: no tokenizer.json found")

@@ -13,6 +13,7 @@ import jax
 from qwenjax.data.corpus import jsonl_files, stdlib_corpus, text_files
 from qwenjax.data.packing import PackedDataset
 from qwenjax.data.passkey import passkey_corpus
+from qwenjax.data.spm import load_sentencepiece
 from qwenjax.data.tokenizer import load_tokenizer, train_bpe
 from qwenjax.experiment import ExperimentConfig
 
@@ -31,6 +32,8 @@ def build_corpus(exp: ExperimentConfig):
 def build_tokenizer(exp: ExperimentConfig, run_dir: Path):
     if exp.tokenizer.kind == "hf":
         return load_tokenizer(exp.tokenizer.path)
+    if exp.tokenizer.kind == "sentencepiece":
+        return load_sentencepiece(exp.tokenizer.path)
     saved = Path(run_dir) / "tokenizer"
     if (saved / "tokenizer.json").exists():
         return load_tokenizer(saved)
