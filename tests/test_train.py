@@ -91,6 +91,55 @@ def test_same_seed_same_losses_and_exact_resume_after_kill(reference_run, tmp_pa
     assert max(r["step"] for r in rows) == 10
 
 
+# Runs the CLI with Orbax's final rename of one step's directory held back: the step's data is
+# written to its temporary directory, a marker file names that directory, and the save never
+# completes, so the test can kill the process at exactly that point.
+_HELD_SAVE = """
+import asyncio, sys
+from pathlib import Path
+from orbax.checkpoint._src.path import atomicity
+step, marker = sys.argv[1], Path(sys.argv[2])
+finalize = atomicity.AtomicRenameTemporaryPath.finalize
+async def held(self):
+    if self.get_final().name == step:
+        marker.write_text(str(self.get()))
+        await asyncio.sleep(3600)
+    await finalize(self)
+atomicity.AtomicRenameTemporaryPath.finalize = held
+from qwenjax.cli import main
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+def test_kill_during_an_async_save_resumes_from_the_previous_step(reference_run, tmp_path):
+    run, marker = tmp_path / "run", tmp_path / "in_flight"
+    # The reference run's schedule; no export or sample, which the losses do not depend on.
+    sets = ("log_every=1", "steps=10", "checkpoint.every=3", "export_hf=false", "sample_tokens=0")
+    cmd = [sys.executable, "-c", _HELD_SAVE, "6", str(marker), "train", TINY, "--run-dir", str(run)]
+    cmd += [arg for s in sets for arg in ("--set", s)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not marker.exists() and proc.poll() is None:
+        time.sleep(0.02)
+    assert marker.exists(), proc.communicate()[1][-2000:] if proc.poll() is not None else "timeout"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    in_flight = Path(marker.read_text())
+    assert in_flight.is_dir() and in_flight.name.startswith("6.")  # Orbax's temporary directory
+    steps = sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps == [3]
+    r = _train(run, *sets)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "resumed from step 3 " in r.stderr and "cannot be restored" not in r.stderr
+    ref = _losses(reference_run)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["step"] for r in rows) == 10
+    for row in rows:
+        assert row["loss"] == ref[row["step"]], row["step"]
+    steps = sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps == [9, 10]
+
+
 def test_truncated_latest_checkpoint_is_skipped_with_a_warning(reference_run, tmp_path):
     import shutil
 
