@@ -160,7 +160,7 @@ def test_truncated_latest_checkpoint_is_skipped_with_a_warning(reference_run, tm
     (["steps=ten"], "steps must be int"),
     (["mesh.data=3", "batch_size=12"], "needs 12 devices but 8 are available"),
     (["batch_size=6"], "not divisible by the batch axes"),
-    (["mesh.context=2", "mesh.data=1", "data.seq_len=33"], "not divisible by mesh.context"),
+    (["mesh.context=2", "mesh.data=1", "data.seq_len=33"], "data.seq_len: sequence length 33 is not divisible by 4"),
 ])
 def test_config_errors_exit_2_with_one_line_and_touch_nothing(reference_run, tmp_path, sets, message):
     run = tmp_path / "run"

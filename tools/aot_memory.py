@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -34,6 +35,9 @@ def parse_args(argv=None):
     ap.add_argument("--param-dtype", default="float32")
     ap.add_argument("--remat", default="full")
     ap.add_argument("--layout", default="zigzag", help="context layout when context > 1")
+    ap.add_argument("--rule", action="append", default=[],
+                    help="axis-table override LOGICAL=AXIS[+AXIS], e.g. embed=fsdp+context "
+                         "(also shard parameters over the context devices)")
     ap.add_argument("--capacity", type=float, default=0.0,
                     help="MoE capacity factor (0 = dropless, whose CPU exchange buffers are "
                          "sized for the worst case: expert x the routed rows)")
@@ -60,13 +64,17 @@ def main(argv=None):
     from qwenjax.config import load_preset
     from qwenjax.errors import QwenJaxError
     from qwenjax.model.partition import abstract_model, variable_sharding
-    from qwenjax.sharding import activate, logical_to_spec, make_mesh
+    from qwenjax.sharding import activate, check_rules, logical_to_spec, make_mesh
     from qwenjax.train.loss import Batch
     from qwenjax.train.step import TrainState, make_train_step
 
     try:
         shape = {k: int(v) for k, v in (p.split("=") for p in a.mesh.split(",") if p)}
         mesh = make_mesh(shape)
+        rules = check_rules({
+            k: tuple(v.split("+")) if "+" in v else (None if v == "none" else v)
+            for k, v in (r.split("=") for r in a.rule)
+        })
         cfg = load_preset(a.preset).replace(dtype=a.dtype, param_dtype=a.param_dtype,
                                             remat=a.remat, moe_capacity_factor=a.capacity)
     except (QwenJaxError, ValueError) as e:
@@ -75,7 +83,7 @@ def main(argv=None):
     graphdef, abstract = abstract_model(cfg)
     def sharded_abstract(var):
         value = var.get_value()
-        sharding = variable_sharding(var, mesh)
+        sharding = variable_sharding(var, mesh, rules)
         return var.replace(jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=sharding))
 
     params = jax.tree.map(sharded_abstract, abstract, is_leaf=lambda x: isinstance(x, nnx.Variable))
@@ -95,7 +103,11 @@ def main(argv=None):
     scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
     state = TrainState(params, opt_state, scalar, scalar, scalar)
     state_sharding = jax.tree.map(lambda x: x.sharding, state)
-    batch_axes = logical_to_spec(("batch",), None, mesh)[0]
+    batch_axes = logical_to_spec(("batch",), rules, mesh)[0]
+    if batch_axes is not None and a.batch % math.prod(
+        mesh.shape[x] for x in ((batch_axes,) if isinstance(batch_axes, str) else batch_axes)
+    ):
+        batch_axes = None  # e.g. one long sequence: the batch is not split
     length = "context" if mesh.shape["context"] > 1 else None
     batch_sharding = NamedSharding(mesh, PartitionSpec(None, batch_axes, length))
     B, T = a.batch, a.seq_len
@@ -108,7 +120,7 @@ def main(argv=None):
     step = make_train_step(graphdef, tx, aux_weight=cfg.router_aux_loss_coef, z_weight=0.0,
                            state_sharding=state_sharding, batch_sharding=batch_sharding)
     t0 = time.perf_counter()
-    with activate(mesh, None, a.layout):
+    with activate(mesh, rules, a.layout):
         compiled = step.lower(state, batch).compile()
     mem = compiled.memory_analysis()
     gib = 2.0**30
@@ -121,7 +133,7 @@ def main(argv=None):
         "preset": a.preset, "devices": a.devices,
         "mesh": {k: v for k, v in mesh.shape.items() if v > 1}, "batch": B, "seq_len": T,
         "dtype": a.dtype, "param_dtype": a.param_dtype, "remat": a.remat,
-        "capacity_factor": a.capacity,
+        "capacity_factor": a.capacity, "rules": a.rule,
         "per_device_bytes": {"arguments": args_b, "outputs": out_b, "aliased": alias_b,
                              "temporaries": temp_b, "generated_code": code_b},
         "peak_gib": round(peak / gib, 2),
