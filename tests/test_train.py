@@ -138,6 +138,7 @@ def test_kill_during_an_async_save_resumes_from_the_previous_step(reference_run,
         assert row["loss"] == ref[row["step"]], row["step"]
     steps = sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
     assert steps == [9, 10]
+    assert not in_flight.exists()  # the interrupted save's temporary directory is cleaned up
 
 
 def test_truncated_latest_checkpoint_is_skipped_with_a_warning(reference_run, tmp_path):

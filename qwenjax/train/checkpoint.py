@@ -107,6 +107,9 @@ class RunCheckpointer:
         self.directory = Path(directory).resolve()
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, enable_async_checkpointing=async_save, create=True,
+            # A save killed in flight leaves `N.orbax-checkpoint-tmp-*`; never loaded, so remove
+            # it when the next run opens the directory.
+            cleanup_tmp_directories=True,
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
