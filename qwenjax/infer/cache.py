@@ -27,8 +27,10 @@ from qwenjax.config import ModelConfig
 from qwenjax.model.attention import KVCache
 from qwenjax.model.gated_deltanet import RecurrentState
 from qwenjax.model.transformer import Cache, CausalLM, stack_plan
+from qwenjax.sharding import constrain
 
 F32 = jnp.float32
+KV_AXES = ("layers", "batch", "length", "act_kv_heads", None)  # [R,B,S,K,Dh]
 
 
 def init_cache(cfg: ModelConfig, batch: int, slots: int) -> Cache:
@@ -47,9 +49,10 @@ def init_cache(cfg: ModelConfig, batch: int, slots: int) -> Cache:
                 jnp.zeros((R, batch, W, Hv, Dv), dtype),
                 jnp.zeros((R, batch, Hv, Dk, Dv), F32),
             )
-        return KVCache(
-            jnp.zeros((R, batch, slots, K, Dh), dtype), jnp.zeros((R, batch, slots, K, Dh), dtype)
-        )
+        # With `context` > 1 in the current mesh the slots are split over it (sequence-sharded
+        # cache: each device holds S / context slots; attention merges shards by log-sum-exp).
+        kv = lambda: constrain(jnp.zeros((R, batch, slots, K, Dh), dtype), KV_AXES)
+        return KVCache(kv(), kv())
 
     layers = tuple(
         tuple(layer(attn, spec.repeats) for attn, _ in spec.pattern)
@@ -57,8 +60,8 @@ def init_cache(cfg: ModelConfig, batch: int, slots: int) -> Cache:
     )
     return Cache(
         layers,
-        jnp.zeros((batch, slots), jnp.int32),
-        jnp.full((batch, slots), -1, jnp.int32),
+        constrain(jnp.zeros((batch, slots), jnp.int32), ("batch", "length")),
+        constrain(jnp.full((batch, slots), -1, jnp.int32), ("batch", "length")),
         jnp.zeros((), jnp.int32),
     )
 

@@ -34,6 +34,7 @@ from qwenjax.errors import ConfigError
 from qwenjax.infer.cache import decode_step, init_cache, left_pad, prefill
 from qwenjax.infer.sampling import Sampling, sample
 from qwenjax.model.transformer import Cache, CausalLM
+from qwenjax.sharding import activate
 
 _ROUND = 16  # prompt lengths are padded to a multiple of this (fewer distinct compilations)
 NO_TOKEN = -1  # in the decode buffer: nothing (the row had already stopped)
@@ -50,13 +51,21 @@ def generate(
     stop_tokens: Sequence[int] | Sequence[Sequence[int]] = (),
     seed: int = 0,
     prefill_chunk: int = 512,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> list[list[int]]:
     """prompts (lists of token ids) -> the new tokens of each, up to a stop token (excluded).
 
     temperature 0 is greedy; otherwise logits / temperature, filtered by top_k (0: off) and
     top_p (1: off), are sampled with `seed`. `stop_tokens` is one list for every row or one list
     per row. Prompts longer than `prefill_chunk` are prefilled in chunks of that many tokens.
+    With `mesh` (model sharded on it), the run is traced under it: with `context` > 1 the KV
+    cache is split along its slots over `context` (see `model/sequence_ops.cached_attention`).
     """
+    if mesh is not None:
+        with activate(mesh):
+            return generate(model, prompts, max_new_tokens=max_new_tokens,
+                            temperature=temperature, top_k=top_k, top_p=top_p,
+                            stop_tokens=stop_tokens, seed=seed, prefill_chunk=prefill_chunk)
     if max_new_tokens < 1:
         return [[] for _ in prompts]
     sampling = Sampling(temperature, top_k, top_p).check()

@@ -21,8 +21,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from qwenjax.config import ModelConfig
 from qwenjax.model.layers import apply_rope, make_param, rms_norm
-from qwenjax.model.sequence_ops import causal_attention
-from qwenjax.ops.attention import attention, dense_attention
+from qwenjax.model.sequence_ops import cached_attention, causal_attention
 
 
 class KVCache(NamedTuple):
@@ -108,10 +107,8 @@ class Attention(nnx.Module):
         start = (0, slots.index, 0, 0)
         k_all = jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), start)
         v_all = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), start)
-        masks = {"q_pos": positions, "kv_pos": slots.positions, "q_seg": segment_ids,
-                 "kv_seg": slots.segment_ids, "causal": True}
-        if x.shape[1] == 1:  # decoding: one query row, so a dense pass over the slots is cheapest
-            o = dense_attention(q, k_all, v_all, **masks)
-        else:  # prefill chunk: blockwise, skipping the empty slots' blocks
-            o = attention(q, k_all, v_all, **masks, block_q=cfg.attn_block, block_kv=cfg.attn_block)
+        # One device: dense (one query) or blockwise (a prefill chunk); with `context` > 1 the
+        # cache is split along its slots and partial results merge by log-sum-exp.
+        o = cached_attention(q, k_all, v_all, positions, slots.positions, segment_ids,
+                             slots.segment_ids, block=cfg.attn_block)
         return self._output(x, o), KVCache(k_all, v_all)

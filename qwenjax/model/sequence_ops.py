@@ -11,7 +11,11 @@ Dimension letters: B batch, T length, H heads, K kv heads, Dh head dim, Dk/Dv de
 
 from __future__ import annotations
 
-from qwenjax.ops.attention import attention
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from qwenjax.ops.attention import attention, attention_with_lse, dense_attention
 from qwenjax.ops.delta_rule import causal_conv, delta_rule_chunked
 from qwenjax.ops.delta_rule_parallel import (
     causal_conv_sequence_parallel,
@@ -41,6 +45,37 @@ def causal_attention(q, k, v, positions, segment_ids, *, block: int):
         q_segment_ids=segment_ids, kv_segment_ids=segment_ids, block_q=block, block_kv=block,
         batch_axes=_axes("batch", q.shape[0]), head_axes=heads,
     )
+
+
+def cached_attention(q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, block: int):
+    """New tokens' queries q [B,T,H,Dh] over a cache's slots k/v [B,S,K,Dh] (masks from the
+    slots' positions / segment ids) -> [B,T,H,Dh].
+
+    With `context` > 1 the cache is sharded along its slots: every device attends over its own
+    slots and the partial results merge by log-sum-exp (psum over `context`); no keys move.
+    """
+    ctx = context_parallel()
+    if ctx is None:
+        masks = {"q_pos": q_pos, "kv_pos": kv_pos, "q_seg": q_seg, "kv_seg": kv_seg}
+        if q.shape[1] == 1:  # decoding: one query row, a dense pass over the slots is cheapest
+            return dense_attention(q, k, v, **masks, causal=True)
+        return attention(q, k, v, **masks, causal=True, block_q=block, block_kv=block)
+    mesh, _ = ctx
+
+    def local(q, k, v, q_pos, kv_pos, q_seg, kv_seg):
+        o, lse = attention_with_lse(q, k, v, q_pos=q_pos, kv_pos=kv_pos, q_seg=q_seg,
+                                    kv_seg=kv_seg, causal=True, block_q=block, block_kv=block)
+        top = jax.lax.pmax(lse, "context")  # [B,T,H]; -inf where no shard sees anything
+        w = jnp.where(jnp.isfinite(lse), jnp.exp(lse - jnp.where(jnp.isfinite(top), top, 0)), 0)
+        num = jax.lax.psum(o.astype(jnp.float32) * w[..., None], "context")
+        den = jax.lax.psum(w, "context")[..., None]
+        return (num / jnp.where(den == 0, 1, den)).astype(q.dtype)
+
+    slots = P(None, "context")
+    return jax.shard_map(
+        local, mesh=mesh, in_specs=(P(), slots, slots, P(), slots, P(), slots), out_specs=P(),
+        check_vma=False,
+    )(q, k, v, q_pos, kv_pos, q_seg, kv_seg)
 
 
 def conv(x, weight, segment_ids, heads_logical: str):
