@@ -5,7 +5,11 @@ The public API; see DESIGN.md. Everything else is reachable through the submodul
 
 from qwenjax.config import ModelConfig, RopeConfig, load_preset
 from qwenjax.errors import (
-    CheckpointError, ConfigError, ConversionError, MeshError, QwenJaxError,
+    CheckpointError,
+    ConfigError,
+    ConversionError,
+    MeshError,
+    QwenJaxError,
 )
 from qwenjax.hf.convert import from_pretrained, save_pretrained
 from qwenjax.infer.generate import generate

@@ -1,8 +1,8 @@
 """ModelConfig: presets (parameter counts against published figures), HF config translation, errors."""
 
+import hf_models
 import pytest
 
-import hf_models
 import qwenjax
 from qwenjax.config import ModelConfig
 

@@ -4,10 +4,10 @@ import os
 import subprocess
 import sys
 
+import hf_models
 import numpy as np
 import pytest
 
-import hf_models
 import qwenjax
 from qwenjax.hf import convert
 from qwenjax.hf.safetensors_io import PlannedTensor, index_checkpoint, read_tensor, write_shard

@@ -2,12 +2,12 @@
 
 import copy
 
+import hf_models
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 
-import hf_models
 import qwenjax
 
 

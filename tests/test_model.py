@@ -1,12 +1,12 @@
 """Model-level properties: remat modes agree, router losses match transformers, stack plans."""
 
+import hf_models
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 
-import hf_models
 import qwenjax
 from qwenjax.config import REMAT_MODES
 from qwenjax.model.transformer import stack_plan

@@ -1,11 +1,11 @@
 """A packed row equals its documents run separately: attention stops at document edges, and in
 Gated DeltaNet layers the conv window and recurrent state restart at each document start."""
 
+import hf_models
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import hf_models
 import qwenjax
 
 

@@ -58,9 +58,9 @@ def main(argv=None):
     import jax.numpy as jnp
     import optax
     from flax import nnx
+    from hlo_stats import collectives
     from jax.sharding import NamedSharding, PartitionSpec
 
-    from hlo_stats import collectives
     from qwenjax.config import load_preset
     from qwenjax.errors import QwenJaxError
     from qwenjax.model.partition import abstract_model, variable_sharding

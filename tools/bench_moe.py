@@ -27,16 +27,16 @@ os.environ["XLA_FLAGS"] = (
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.join(HERE, ".."), HERE]
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from jax.sharding import NamedSharding  # noqa: E402
-from jax.sharding import PartitionSpec as P  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
+from hlo_stats import collectives
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from hlo_stats import collectives  # noqa: E402
-from qwenjax.ops.expert_parallel import expert_parallel_ffn  # noqa: E402
-from qwenjax.ops.moe_dispatch import grouped_ffn, route  # noqa: E402
-from qwenjax.sharding import make_mesh  # noqa: E402
+from qwenjax.ops.expert_parallel import expert_parallel_ffn
+from qwenjax.ops.moe_dispatch import grouped_ffn, route
+from qwenjax.sharding import make_mesh
 
 
 def timed(fn, args, repeats):

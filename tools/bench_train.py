@@ -22,17 +22,17 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
-from qwenjax.experiment import load_experiment  # noqa: E402
-from qwenjax.model.partition import init_sharded  # noqa: E402
-from qwenjax.sharding import activate, logical_to_spec, make_mesh  # noqa: E402
-from qwenjax.train.loss import Batch  # noqa: E402
-from qwenjax.train.metrics import flops_per_token, measure_peak_flops  # noqa: E402
-from qwenjax.train.optimizer import make_optimizer  # noqa: E402
-from qwenjax.train.step import init_train_state, make_train_step  # noqa: E402
+from qwenjax.experiment import load_experiment
+from qwenjax.model.partition import init_sharded
+from qwenjax.sharding import activate, logical_to_spec, make_mesh
+from qwenjax.train.loss import Batch
+from qwenjax.train.metrics import flops_per_token, measure_peak_flops
+from qwenjax.train.optimizer import make_optimizer
+from qwenjax.train.step import init_train_state, make_train_step
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 

@@ -20,8 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from qwenjax.errors import QwenJaxError  # noqa: E402
-from qwenjax.experiment import load_experiment  # noqa: E402
+from qwenjax.errors import QwenJaxError
+from qwenjax.experiment import load_experiment
 
 # TPU type prefix -> (runtime software version, chips per "core count" unit in the type name)
 RUNTIMES = {

@@ -17,7 +17,7 @@ import json
 import os
 import re
 import sys
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import jax
@@ -32,7 +32,12 @@ from qwenjax.config import FUSED_EXPERTS_KEY, WRAPPER_KEY, ModelConfig
 from qwenjax.errors import ConfigError, ConversionError
 from qwenjax.hf.names import TensorMap, passthrough_prefixes, tensor_table, uses_fused_experts
 from qwenjax.hf.safetensors_io import (
-    PlannedTensor, TensorInfo, index_checkpoint, plan_shards, read_tensor, write_shard,
+    PlannedTensor,
+    TensorInfo,
+    index_checkpoint,
+    plan_shards,
+    read_tensor,
+    write_shard,
 )
 from qwenjax.model.partition import abstract_model, variable_sharding
 from qwenjax.model.transformer import CausalLM
@@ -90,7 +95,7 @@ def _slice_sharding(sharding, n_index: int):
     return NamedSharding(sharding.mesh, PartitionSpec(*tuple(sharding.spec)[n_index:]))
 
 
-@lru_cache(maxsize=None)
+@cache
 def _updater(sharding):
     def update(buf, piece, index):
         n = index.shape[0]
@@ -100,7 +105,7 @@ def _updater(sharding):
     return jax.jit(update, donate_argnums=0, out_shardings=sharding)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _zeros(shape, dtype, sharding):
     return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
 

@@ -170,7 +170,7 @@ def _q_proj_entries(cfg: ModelConfig, hf: str, base: Path, r: int) -> list[Tenso
     """q_proj weight (and bias). With an output gate, HF's rows are per head: Dh query rows then
     Dh gate rows; ours are two parameters."""
     D, H, Dh = cfg.hidden_size, cfg.num_heads, cfg.head_dim
-    name, attn = hf + "self_attn.q_proj.", lambda p: base + ("attn", p)  # noqa: E731
+    name, attn = hf + "self_attn.q_proj.", lambda p: base + ("attn", p)
     if not cfg.attention_output_gate:
         out = [_simple(name + "weight", attn("q_kernel"), (r,), _linear_out_heads(H, Dh, D))]
         if cfg.qkv_bias:
@@ -201,8 +201,8 @@ def _linear_attention_entries(cfg: ModelConfig, hf: str, base: Path, r: int) -> 
     Dk, Dv, K = cfg.linear_key_head_dim, cfg.linear_value_head_dim, cfg.linear_conv_kernel_dim
     rep = Hv // Hk
     p = hf + "linear_attn."
-    ours = lambda name: base + ("attn", name)  # noqa: E731
-    t = lambda name, fn: Target(ours(name), (r,), fn)  # noqa: E731
+    ours = lambda name: base + ("attn", name)
+    t = lambda name, fn: Target(ours(name), (r,), fn)
     qk, vd = Hk * Dk, Hv * Dv
     out = [
         _simple(p + "A_log", ours("A_log"), (r,), _identity((Hv,))),
@@ -269,7 +269,7 @@ def _expert_entries(cfg: ModelConfig, hf: str, base: Path, r: int, fused: bool) 
     D, E, F = cfg.hidden_size, cfg.num_experts, cfg.moe_intermediate_size
     gate, up, down = (base + ("mlp", n) for n in ("gate_kernel", "up_kernel", "down_kernel"))
     if fused:
-        swap = lambda a: np.swapaxes(a, 1, 2)  # noqa: E731  [E, out, in] <-> [E, in, out]
+        swap = lambda a: np.swapaxes(a, 1, 2)
         return [
             TensorMap(
                 hf + "mlp.experts.gate_up_proj", (E, 2 * F, D),

@@ -71,7 +71,7 @@ def attention_with_lse(
     scale = float(Dh**-0.5 if scale is None else scale)
     bq = min(block_q, q.shape[1])
     bk = min(block_kv, k.shape[1])
-    ints = lambda x: x.astype(jnp.int32)  # noqa: E731
+    ints = lambda x: x.astype(jnp.int32)
     return _flash(q, k, v, ints(q_pos), ints(kv_pos), ints(q_seg), ints(kv_seg), causal, scale, bq, bk)
 
 

@@ -105,7 +105,7 @@ def grouped_rows_ffn(rows, row_expert, w_gate, w_up, w_down, *, bm: int, impl: s
 
     def block(_, xs):  # blocks of empty slots (expert El) are skipped
         x, e = xs
-        compute = lambda: _swiglu_rows(x, w_gate[e], w_up[e], w_down[e])  # noqa: E731
+        compute = lambda: _swiglu_rows(x, w_gate[e], w_up[e], w_down[e])
         return None, jax.lax.cond(e < El, compute, lambda: jnp.zeros_like(x))
 
     _, yb = jax.lax.scan(block, None, (xb, block_e))
@@ -168,7 +168,7 @@ def _local_expert_parallel(x, weights, experts, w_gate, w_up, w_down, *, E, ep, 
         dest = flat_e // El
         need = jax.lax.pmax(jnp.max(jnp.bincount(dest, length=ep)), token_axes)
         fast = min(M, -(-2 * M // ep // 8) * 8)
-        plan_for = lambda S: slot_plan(experts, ep, lambda e: e // El, S)  # noqa: E731
+        plan_for = lambda S: slot_plan(experts, ep, lambda e: e // El, S)
         if fast < M:
             out, dropped = jax.lax.cond(
                 need <= fast, lambda: run(plan_for(fast), fast), lambda: run(plan_for(M), M)
@@ -186,7 +186,7 @@ def _ragged_routes(dest, ep: int, M: int, axis: str):
     sizes = jnp.bincount(dest, length=ep).astype(jnp.int32)  # rows I send to each device
     matrix = jax.lax.all_gather(sizes, axis)  # [src, dst]
     me = jax.lax.axis_index(axis)
-    exclusive = lambda a: jnp.cumsum(a) - a  # noqa: E731
+    exclusive = lambda a: jnp.cumsum(a) - a
     send_off = exclusive(sizes)  # where my rows for each device start in my buffer
     recv_sizes = matrix[:, me]  # rows I receive from each source
     recv_off = exclusive(recv_sizes)  # where each source's rows start in my output
