@@ -89,17 +89,20 @@ def main(argv=None):
     params = jax.tree.map(sharded_abstract, abstract, is_leaf=lambda x: isinstance(x, nnx.Variable))
     tx = optax.adamw(1e-4, weight_decay=0.1)
     replicated = NamedSharding(mesh, PartitionSpec())
-    opt_state = jax.eval_shape(tx.init, params)
-    # Moments mirror the parameters' shardings; scalars (the step count) are replicated.
-    by_shape = {}
-    for leaf in jax.tree.leaves(params):
-        by_shape.setdefault((leaf.shape, str(leaf.dtype)), leaf.sharding)
-    opt_state = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(
-            x.shape, x.dtype, sharding=by_shape.get((x.shape, str(x.dtype)), replicated)
-        ),
-        opt_state,
-    )
+    # Optimizer state: every subtree shaped like the parameters (AdamW's moments) takes their
+    # shardings, anything else (the step count) is replicated — as the training loop does.
+    param_tree = jax.tree.structure(params)
+
+    def place(node):
+        if jax.tree.structure(node) == param_tree:
+            return jax.tree.map(
+                lambda x, p: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=p.sharding),
+                node, params,
+            )
+        return jax.ShapeDtypeStruct(node.shape, node.dtype, sharding=replicated)
+
+    opt_state = jax.tree.map(place, jax.eval_shape(tx.init, params),
+                             is_leaf=lambda n: jax.tree.structure(n) == param_tree)
     scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
     state = TrainState(params, opt_state, scalar, scalar, scalar)
     state_sharding = jax.tree.map(lambda x: x.sharding, state)

@@ -18,6 +18,7 @@ Dimension letters: B batch, P padded prompt length, N new tokens, V vocab.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from functools import partial
@@ -61,43 +62,26 @@ def generate(
     With `mesh` (model sharded on it), the run is traced under it: with `context` > 1 the KV
     cache is split along its slots over `context` (see `model/sequence_ops.cached_attention`).
     """
-    if mesh is not None:
-        with activate(mesh):
-            return generate(model, prompts, max_new_tokens=max_new_tokens,
-                            temperature=temperature, top_k=top_k, top_p=top_p,
-                            stop_tokens=stop_tokens, seed=seed, prefill_chunk=prefill_chunk)
     if max_new_tokens < 1:
         return [[] for _ in prompts]
     sampling = Sampling(temperature, top_k, top_p).check()
-    ids, positions, segs, chunk = _layout(prompts, prefill_chunk)
     stops = _stop_array(stop_tokens, len(prompts))
-    graphdef, params = nnx.split(model)
-    key = jax.random.key(seed)
-    P = ids.shape[1]
-    first, cache = _prefill(
-        graphdef,
-        params,
-        ids,
-        positions,
-        segs,
-        key,
-        sampling.arrays(),
-        slots=P + max_new_tokens,
-        chunk=chunk,
-        greedy=sampling.greedy,
-    )
-    out = _decode(
-        graphdef,
-        params,
-        cache,
-        first,
-        jnp.asarray(segs.sum(1)),
-        stops,
-        key,
-        sampling.arrays(),
-        steps=max_new_tokens,
-        greedy=sampling.greedy,
-    )
+    with activate(mesh) if mesh is not None else contextlib.nullcontext():
+        graphdef, params, key, segs, first, cache = _start(
+            model, prompts, sampling, seed, max_new_tokens, prefill_chunk
+        )
+        out = _decode(
+            graphdef,
+            params,
+            cache,
+            first,
+            jnp.asarray(segs.sum(1)),
+            stops,
+            key,
+            sampling.arrays(),
+            steps=max_new_tokens,
+            greedy=sampling.greedy,
+        )
     return [
         _cut(row, {s for s in row_stops if s >= 0})
         for row, row_stops in zip(np.asarray(out).tolist(), np.asarray(stops).tolist())
@@ -119,23 +103,10 @@ def generate_stream(
     """Yield the new token ids of one prompt as they are decoded (a stop token ends the stream
     and is not yielded). Same tokens as `generate([prompt], ...)[0]` for the same settings."""
     sampling = Sampling(temperature, top_k, top_p).check()
-    ids, positions, segs, chunk = _layout([prompt], prefill_chunk)
     stops = {int(t) for t in stop_tokens}
-    graphdef, params = nnx.split(model)
-    key = jax.random.key(seed)
-    P = ids.shape[1]
     settings, greedy = sampling.arrays(), sampling.greedy
-    token, cache = _prefill(
-        graphdef,
-        params,
-        ids,
-        positions,
-        segs,
-        key,
-        settings,
-        slots=P + max_new_tokens,
-        chunk=chunk,
-        greedy=greedy,
+    graphdef, params, key, _, token, cache = _start(
+        model, [prompt], sampling, seed, max_new_tokens, prefill_chunk
     )
     position = len(prompt)
     for i in range(1, max_new_tokens + 1):
@@ -156,6 +127,19 @@ def generate_stream(
             greedy=greedy,
         )
         position += 1
+
+
+def _start(model, prompts, sampling: Sampling, seed: int, max_new_tokens: int, prefill_chunk: int):
+    """Shared by `generate` and `generate_stream`: lay the prompts out and prefill a cache with
+    room for `max_new_tokens` -> (graphdef, params, key, segment ids, first tokens, cache)."""
+    ids, positions, segs, chunk = _layout(prompts, prefill_chunk)
+    graphdef, params = nnx.split(model)
+    key = jax.random.key(seed)
+    first, cache = _prefill(
+        graphdef, params, ids, positions, segs, key, sampling.arrays(),
+        slots=ids.shape[1] + max_new_tokens, chunk=chunk, greedy=sampling.greedy,
+    )
+    return graphdef, params, key, segs, first, cache
 
 
 # ---- jitted pieces ------------------------------------------------------------------------------

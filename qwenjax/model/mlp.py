@@ -13,7 +13,9 @@ from qwenjax.config import ModelConfig
 from qwenjax.model.layers import make_param
 from qwenjax.ops.expert_parallel import expert_parallel_ffn, single_device_mesh
 from qwenjax.ops.moe_dispatch import grouped_ffn, route, router_stats, swiglu
-from qwenjax.sharding import current_mesh, current_rules, fit_spec, logical_to_spec
+from qwenjax.sharding import current_mesh, mesh_axes
+
+F32 = jnp.float32
 
 
 class MLP(nnx.Module):
@@ -69,20 +71,18 @@ class MoE(nnx.Module):
         k = weights.shape[-1]
         capacity = self.cfg.moe_capacity_factor
         mesh = current_mesh()
-        tokens = None
-        if mesh is not None:
-            spec = fit_spec(logical_to_spec(("batch", "length"), current_rules(), mesh), (B, T), mesh)
-            tokens = tuple(spec) + (None,) * (2 - len(spec))
-            names = [a for e in tokens for a in ((e,) if isinstance(e, str) else e or ())]
-            if mesh.shape["expert"] > 1 and "expert" not in names:
-                if capacity:
-                    raise ValueError(f"capacity mode needs the batch {B}x{T} split over expert")
-                mesh = None  # tokens replicated over experts: let GSPMD partition the FFN
-        elif capacity:
-            mesh, tokens = single_device_mesh(), (None, None)
-        if mesh is None or not any(tokens):  # tokens whole on every device
-            xf = x.reshape(B * T, D)
-            return grouped_ffn(xf, weights, experts, *w), jnp.zeros((), jnp.float32)
+        if mesh is None and capacity:
+            mesh = single_device_mesh()  # capacity mode runs the expert-parallel code anyway
+        batch, length = mesh_axes("batch", B), mesh_axes("length", T)  # () without a mesh
+        # Tokens replicated over the expert devices cannot be sent to their experts.
+        unsendable = mesh is not None and mesh.shape["expert"] > 1 and "expert" not in batch + length
+        if capacity and unsendable:
+            raise ValueError(f"capacity mode needs the batch {B}x{T} split over expert")
+        if not capacity and (unsendable or not (batch or length)):
+            # Tokens whole on every device, or replicated over experts: the dropless grouped FFN
+            # as it is (GSPMD partitions it in the latter case).
+            return grouped_ffn(x.reshape(B * T, D), weights, experts, *w), jnp.zeros((), F32)
+        tokens = (batch or None, length or None)
         y, dropped = expert_parallel_ffn(
             x, weights.reshape(B, T, k), experts.reshape(B, T, k), *w, mesh=mesh,
             token_spec=tokens, capacity_factor=capacity,

@@ -11,6 +11,8 @@ Dimension letters: B batch, T length, H heads, K kv heads, Dh head dim, Dk/Dv de
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
@@ -38,7 +40,7 @@ def causal_attention(q, k, v, positions, segment_ids, *, block: int):
                          kv_seg=segment_ids, causal=True, block_q=block, block_kv=block)
     mesh, _ = ctx
     heads = _axes("act_heads", q.shape[2])
-    if heads is not None and k.shape[2] % _size(mesh, heads):
+    if heads is not None and k.shape[2] % math.prod(mesh.shape[a] for a in heads):
         heads = None  # kv heads do not split as the query heads do: keep heads whole
     return ring_attention(
         q, k, v, mesh=mesh, causal=True, q_positions=positions, kv_positions=positions,
@@ -103,10 +105,3 @@ def delta_rule(q, k, v, g, beta, segment_ids):
         head_axes=_axes("linear_v_heads", v.shape[2]),
     )
     return out
-
-
-def _size(mesh, axes) -> int:
-    n = 1
-    for a in axes:
-        n *= mesh.shape[a]
-    return n

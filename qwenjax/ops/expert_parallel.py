@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from qwenjax.ops.moe_dispatch import combine_rows, gather_rows
+from qwenjax.ops.moe_dispatch import block_rows, combine_rows, gather_rows
 from qwenjax.sharding import make_mesh
 
 F32 = jnp.float32
@@ -251,7 +251,7 @@ def expert_parallel_ffn(x, weights, experts, w_gate, w_up, w_down, *, mesh, toke
     n_local = x.shape[0] * x.shape[1] // math.prod(
         mesh.shape[a] for axes in token_spec for a in _names(axes)
     )
-    bm = int(min(block, max(8, 1 << max(0, n_local * experts.shape[-1] * ep // E - 1).bit_length())))
+    bm = block_rows(n_local * experts.shape[-1] * ep // E, block)  # rows per local expert
     token_axes = tuple(a for axes in token_spec for a in _names(axes))
     tok = P(*token_spec, None)
     w_in, w_out = P(expert_axis, None, tensor), P(expert_axis, tensor, None)

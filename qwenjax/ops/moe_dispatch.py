@@ -59,14 +59,19 @@ def grouped_ffn(x, weights, experts, w_gate, w_up, w_down, *, impl: str = "auto"
         h = h * jax.lax.ragged_dot(rows, w_up, plan.group_sizes)
         y = checkpoint_name(jax.lax.ragged_dot(h, w_down, plan.group_sizes), "moe_rows")
     elif impl == "blocked":
-        # A block size near the mean group size keeps padding small for tiny batches.
-        bm = int(min(block, max(8, 1 << max(0, (N * k // E - 1)).bit_length())))
+        bm = block_rows(N * k // E, block)
         plan = dispatch_plan(experts, E, bm)
         rows = gather_rows(x, plan.src_row // k, plan.pos)  # [R,D], pad rows zero
         y = checkpoint_name(_blocked_swiglu(rows, plan.block_expert, w_gate, w_up, w_down, bm), "moe_rows")
     else:
         raise ValueError(f"unknown grouped_ffn impl {impl!r}")
     return combine_rows(y, weights.astype(F32), plan.pos, plan.src_row).astype(x.dtype)
+
+
+def block_rows(mean_group: int, block: int) -> int:
+    """Rows per block of the blocked grouped FFN: the power of two >= the mean rows per expert
+    (at least 8), capped at `block` — padding stays small for tiny batches."""
+    return int(min(block, max(8, 1 << max(0, mean_group - 1).bit_length())))
 
 
 class DispatchPlan(NamedTuple):
