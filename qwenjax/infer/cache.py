@@ -27,7 +27,8 @@ from qwenjax.config import ModelConfig
 from qwenjax.model.attention import KVCache
 from qwenjax.model.gated_deltanet import RecurrentState
 from qwenjax.model.transformer import Cache, CausalLM, stack_plan
-from qwenjax.sharding import constrain
+from qwenjax.ops.context_layout import check_divisible, inverse_permutation, to_layout
+from qwenjax.sharding import constrain, context_parallel
 
 F32 = jnp.float32
 KV_AXES = ("layers", "batch", "length", "act_kv_heads", None)  # [R,B,S,K,Dh]
@@ -100,12 +101,16 @@ def extend(model: CausalLM, cache: Cache, input_ids, positions, segment_ids):
 
 
 def prefill(model: CausalLM, cache: Cache, input_ids, positions, segment_ids, *, chunk: int):
-    """Write a left-padded prompt [B,P] into an empty cache, `chunk` tokens at a time (each chunk
-    attends to the cache and itself, so memory is O(chunk * S), not O(P^2)); P % chunk == 0.
+    """Write a left-padded prompt [B,P] into an empty cache -> (fp32 logits [B,V] of each row's
+    last prompt token, cache). Traceable.
 
-    Returns (fp32 logits [B,V] of each row's last prompt token, cache). Traceable: the chunks
-    run in a `lax.scan`, so a long prompt compiles one chunk.
+    On one device (or a mesh without `context`), `chunk` tokens at a time (P % chunk == 0): each
+    chunk attends to the cache and itself, so memory is O(chunk * S), not O(P^2), and the chunks
+    run in a `lax.scan`, so a long prompt compiles one chunk. With `context` > 1 the prompt is
+    split over the context devices instead (`prefill_sequence_parallel`).
     """
+    if context_parallel() is not None:
+        return prefill_sequence_parallel(model, cache, input_ids, positions, segment_ids)
     B, P = input_ids.shape
     if P % chunk:
         raise ValueError(f"prompt length {P} is not a multiple of the prefill chunk {chunk}")
@@ -122,6 +127,35 @@ def prefill(model: CausalLM, cache: Cache, input_ids, positions, segment_ids, *,
     xs = (split(input_ids), split(positions), split(segment_ids))
     (cache, h), _ = jax.lax.scan(step, (cache, last), xs)
     return logits_of(model, h), cache
+
+
+def prefill_sequence_parallel(model: CausalLM, cache: Cache, input_ids, positions, segment_ids):
+    """`prefill` with the prompt split over the `context` devices, as a training step splits a
+    sequence: the tokens go into the context layout, and one pass of the layers' full-sequence
+    forms — ring attention, the parallel delta-rule scan with conv halos — runs with O(P / n)
+    activations per device and fills the cache, whose slots stay split over `context` (slots
+    [0, P) hold the prompt in layout order). P must divide into the layout (a multiple of 2n for
+    zigzag)."""
+    mesh, layout = context_parallel()
+    n = mesh.shape["context"]
+    P = input_ids.shape[1]
+    check_divisible(P, n, layout)
+    lay = lambda x: to_layout(jnp.asarray(x), n, layout)
+    h, cache = model.extend(lay(input_ids), cache, positions=lay(positions),
+                            segment_ids=lay(segment_ids), fresh=True)
+    last = int(inverse_permutation(P, n, layout)[P - 1])  # slot of each row's last prompt token
+    return logits_of(model, h[:, last]), cache
+
+
+def context_multiple() -> int:
+    """What prompt lengths must be a multiple of for `prefill` under the current mesh (1 without
+    a `context` axis; 2n for the zigzag layout over n context devices)."""
+    ctx = context_parallel()
+    if ctx is None:
+        return 1
+    mesh, layout = ctx
+    n = mesh.shape["context"]
+    return 2 * n if layout == "zigzag" else n
 
 
 def decode_step(model: CausalLM, cache: Cache, tokens, positions):

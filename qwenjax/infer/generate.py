@@ -19,6 +19,7 @@ Dimension letters: B batch, P padded prompt length, N new tokens, V vocab.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from functools import partial
@@ -32,7 +33,7 @@ from flax import nnx
 from qwenjax.config import WRAPPER_KEY
 from qwenjax.data.tokenizer import HFTokenizer, load_tokenizer
 from qwenjax.errors import ConfigError
-from qwenjax.infer.cache import decode_step, init_cache, left_pad, prefill
+from qwenjax.infer.cache import context_multiple, decode_step, init_cache, left_pad, prefill
 from qwenjax.infer.sampling import Sampling, sample
 from qwenjax.model.transformer import Cache, CausalLM
 from qwenjax.sharding import activate
@@ -132,12 +133,15 @@ def generate_stream(
 def _start(model, prompts, sampling: Sampling, seed: int, max_new_tokens: int, prefill_chunk: int):
     """Shared by `generate` and `generate_stream`: lay the prompts out and prefill a cache with
     room for `max_new_tokens` -> (graphdef, params, key, segment ids, first tokens, cache)."""
-    ids, positions, segs, chunk = _layout(prompts, prefill_chunk)
+    # With `context` > 1 the prompt and the cache's slots are split over the context devices.
+    multiple = context_multiple()
+    ids, positions, segs, chunk = _layout(prompts, prefill_chunk, multiple)
     graphdef, params = nnx.split(model)
     key = jax.random.key(seed)
+    slots = -(-(ids.shape[1] + max_new_tokens) // multiple) * multiple
     first, cache = _prefill(
         graphdef, params, ids, positions, segs, key, sampling.arrays(),
-        slots=ids.shape[1] + max_new_tokens, chunk=chunk, greedy=sampling.greedy,
+        slots=slots, chunk=chunk, greedy=sampling.greedy,
     )
     return graphdef, params, key, segs, first, cache
 
@@ -191,15 +195,17 @@ def _step(graphdef, params, cache, token, position, key, sampling, *, greedy):
 # ---- host-side helpers ---------------------------------------------------------------------------
 
 
-def _layout(prompts: Sequence[Sequence[int]], prefill_chunk: int):
-    """Left-padded (ids, positions, segment ids) [B,P] and the prefill chunk C (P % C == 0)."""
+def _layout(prompts: Sequence[Sequence[int]], prefill_chunk: int, multiple: int = 1):
+    """Left-padded (ids, positions, segment ids) [B,P] and the prefill chunk C; P is a multiple
+    of C and of `multiple`."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     if prefill_chunk < 1:
         raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
     longest = max(len(p) for p in prompts)
     chunk = min(prefill_chunk, -(-longest // _ROUND) * _ROUND)
-    ids, positions, segs = left_pad(prompts, -(-longest // chunk) * chunk)
+    unit = math.lcm(chunk, multiple)
+    ids, positions, segs = left_pad(prompts, -(-longest // unit) * unit)
     return ids, positions, segs, chunk
 
 

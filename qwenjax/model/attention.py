@@ -37,6 +37,9 @@ class CacheSlots(NamedTuple):
     index: jax.Array  # int32 scalar: the slot of the first current token
     positions: jax.Array  # [B,S] int32: each slot's token position
     segment_ids: jax.Array  # [B,S] int32: each slot's segment id (-1: empty, 0: padding)
+    # Static: the cache held nothing before the current tokens (a whole-prompt prefill), so
+    # they attend only to each other — by ring attention when split over `context`.
+    fresh: bool = False
 
 
 class Attention(nnx.Module):
@@ -107,8 +110,11 @@ class Attention(nnx.Module):
         start = (0, slots.index, 0, 0)
         k_all = jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), start)
         v_all = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), start)
-        # One device: dense (one query) or blockwise (a prefill chunk); with `context` > 1 the
-        # cache is split along its slots and partial results merge by log-sum-exp.
-        o = cached_attention(q, k_all, v_all, positions, slots.positions, segment_ids,
-                             slots.segment_ids, block=cfg.attn_block)
+        if slots.fresh:  # nothing earlier to see: causal attention among the new tokens
+            o = causal_attention(q, k, v, positions, segment_ids, block=cfg.attn_block)
+        else:
+            # One device: dense (one query) or blockwise (a prefill chunk); with `context` > 1
+            # the cache is split along its slots and partial results merge by log-sum-exp.
+            o = cached_attention(q, k_all, v_all, positions, slots.positions, segment_ids,
+                                 slots.segment_ids, block=cfg.attn_block)
         return self._output(x, o), KVCache(k_all, v_all)

@@ -26,7 +26,7 @@ from flax import nnx
 
 from qwenjax.config import ModelConfig
 from qwenjax.model.layers import make_param
-from qwenjax.model.sequence_ops import conv, delta_rule
+from qwenjax.model.sequence_ops import conv, delta_rule, global_tail
 from qwenjax.ops.delta_rule import causal_conv, delta_rule_chunked, delta_rule_step
 
 F32 = jnp.float32
@@ -90,23 +90,38 @@ class GatedDeltaNet(nnx.Module):
         o = (o.astype(F32) * jax.nn.silu(z.astype(F32))).astype(dt)
         return jnp.einsum("bthk,hkd->btd", o, self.out_kernel[...].astype(dt))
 
-    def __call__(self, x, segment_ids, valid):
-        """x [B,T,D]; segment_ids/valid [B,T] -> [B,T,D]."""
-        cfg = self.cfg
-        q, k, v, z, beta, g = self._project(x, valid)
-        # conv / delta_rule run sequence-parallel when the sequence is split over `context`.
+    def _mix(self, q, k, v, g, beta, segment_ids, initial_state=None):
+        """Pre-conv q, k, v over a whole sequence: causal conv + SiLU, key heads repeated to the
+        value heads, gated delta rule -> (o [B,T,Hv,Dv], final state). Both the conv and the
+        delta rule run sequence-parallel when the sequence is split over `context`."""
         q = jax.nn.silu(conv(q, self.q_conv[...], segment_ids, "linear_k_heads"))
         k = jax.nn.silu(conv(k, self.k_conv[...], segment_ids, "linear_k_heads"))
         v = jax.nn.silu(conv(v, self.v_conv[...], segment_ids, "linear_v_heads"))
-        repeat = cfg.linear_num_value_heads // cfg.linear_num_key_heads
+        repeat = self.cfg.linear_num_value_heads // self.cfg.linear_num_key_heads
         if repeat > 1:  # value head h reads key head h // repeat
             q, k = jnp.repeat(q, repeat, axis=2), jnp.repeat(k, repeat, axis=2)
-        return self._output(delta_rule(q, k, v, g, beta, segment_ids), z)
+        return delta_rule(q, k, v, g, beta, segment_ids, initial_state)
 
-    def extend(self, x, segment_ids, valid, cache: RecurrentState):
-        """As `__call__` for T new tokens continuing the sequence held in `cache` (one document
-        per row; padding, being zeroed, leaves a zero state zero). Returns (out, new cache)."""
+    def __call__(self, x, segment_ids, valid):
+        """x [B,T,D]; segment_ids/valid [B,T] -> [B,T,D]."""
         q, k, v, z, beta, g = self._project(x, valid)
+        o, _ = self._mix(q, k, v, g, beta, segment_ids)
+        return self._output(o, z)
+
+    def extend(self, x, segment_ids, valid, cache: RecurrentState, *, fresh: bool = False):
+        """As `__call__` for T new tokens continuing the sequence held in `cache` (one document
+        per row; padding, being zeroed, leaves a zero state zero). Returns (out, new cache).
+
+        fresh: `cache` is empty and these are a whole prompt, in the token layout (with `context`
+        > 1, split over it): the full-sequence path (sequence-parallel conv and delta rule) runs
+        and the cache keeps its final state and the last K-1 pre-conv inputs in global order.
+        """
+        q, k, v, z, beta, g = self._project(x, valid)
+        if fresh:
+            o, state = self._mix(q, k, v, g, beta, segment_ids, cache.state)
+            windows = [_last_window(w, new) for new, w in
+                       ((q, cache.q_window), (k, cache.k_window), (v, cache.v_window))]
+            return self._output(o, z), RecurrentState(*windows, state)
         T = x.shape[1]
         convolved, windows = [], []
         for new, window, weight in ((q, cache.q_window, self.q_conv),
@@ -124,3 +139,11 @@ class GatedDeltaNet(nnx.Module):
             o, state = delta_rule_chunked(q, k, v, g, beta, initial_state=cache.state,
                                           segment_ids=segment_ids)
         return self._output(o, z), RecurrentState(*windows, state)
+
+
+def _last_window(window, new):
+    """The conv window after `new` [B,T,...] (token layout) followed `window` [B,K-1,...]: the
+    last K-1 inputs in global order."""
+    W, T = window.shape[1], new.shape[1]
+    tail = global_tail(new, min(W, T)).astype(window.dtype)
+    return jnp.concatenate([window, tail], axis=1)[:, -W:] if T < W else tail

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from qwenjax.ops.attention import attention, attention_with_lse, dense_attention
+from qwenjax.ops.context_layout import inverse_permutation
 from qwenjax.ops.delta_rule import causal_conv, delta_rule_chunked
 from qwenjax.ops.delta_rule_parallel import (
     causal_conv_sequence_parallel,
@@ -92,16 +93,28 @@ def conv(x, weight, segment_ids, heads_logical: str):
     )
 
 
-def delta_rule(q, k, v, g, beta, segment_ids):
-    """Gated delta rule over the sequence (q, k already repeated to v's heads) -> [B,T,H,Dv]."""
+def delta_rule(q, k, v, g, beta, segment_ids, initial_state=None):
+    """Gated delta rule over the sequence (q, k already repeated to v's heads) -> (out
+    [B,T,H,Dv], state [B,H,Dk,Dv] fp32 after the globally last token). initial_state: the state
+    before the first token (None: zeros)."""
     ctx = context_parallel()
     if ctx is None:
-        out, _ = delta_rule_chunked(q, k, v, g, beta, use_qk_l2norm=True, segment_ids=segment_ids)
-        return out
+        return delta_rule_chunked(q, k, v, g, beta, use_qk_l2norm=True, segment_ids=segment_ids,
+                                  initial_state=initial_state)
     mesh, layout = ctx
-    out, _ = delta_rule_sequence_parallel(
+    return delta_rule_sequence_parallel(
         q, k, v, g, beta, mesh=mesh, layout=layout, segment_ids=segment_ids,
-        use_qk_l2norm=True, batch_axes=_axes("batch", v.shape[0]),
+        initial_state=initial_state, use_qk_l2norm=True, batch_axes=_axes("batch", v.shape[0]),
         head_axes=_axes("linear_v_heads", v.shape[2]),
     )
-    return out
+
+
+def global_tail(x, count: int):
+    """The last `count` tokens of x [B,T,...] in global order, whatever the token layout (with
+    `context` > 1 the T axis is in the context layout) -> [B,count,...]."""
+    ctx = context_parallel()
+    T = x.shape[1]
+    if ctx is None:
+        return x[:, T - count:]
+    mesh, layout = ctx
+    return x[:, inverse_permutation(T, mesh.shape["context"], layout)[T - count:]]

@@ -132,7 +132,8 @@ class DecoderLayer(nnx.Module):
         """As `__call__` for new tokens after those in `cache` -> (x, new cache)."""
         h = self.input_norm(x)
         if self.is_linear:
-            a, cache = self.attn.extend(h, inputs.segment_ids, inputs.valid, cache)
+            a, cache = self.attn.extend(h, inputs.segment_ids, inputs.valid, cache,
+                                        fresh=slots.fresh)
         else:
             a, cache = self.attn.extend(
                 h, inputs.cos, inputs.sin, inputs.positions, inputs.segment_ids, cache, slots
@@ -277,11 +278,17 @@ class CausalLM(nnx.Module):
             total = jax.tree.map(jnp.add, total, stats)
         return self.final_norm(x), total
 
-    def extend(self, input_ids, cache: Cache, *, positions, segment_ids):
+    def extend(self, input_ids, cache: Cache, *, positions, segment_ids, fresh: bool = False):
         """Run T new tokens after the `cache.length` slots already in `cache`.
 
         input_ids, positions, segment_ids [B,T] (segment id 0 = padding, 1 = a token) ->
         (final hidden states [B,T,D] in the compute dtype, cache with T more slots written).
+
+        fresh (static): `cache` is empty and the tokens are a whole prompt in the token layout
+        (with `context` > 1, split over it as in training): the layers run their full-sequence
+        forms — ring attention, the parallel delta-rule scan — and fill the cache from them. The
+        slots then hold the prompt in layout order; masks use each slot's position, so the order
+        of slots does not matter to attention.
         """
         dtype = jnp.dtype(self.config.dtype)
         positions, segment_ids = positions.astype(jnp.int32), segment_ids.astype(jnp.int32)
@@ -290,10 +297,13 @@ class CausalLM(nnx.Module):
             cache.length,
             jax.lax.dynamic_update_slice(cache.positions, positions, start),
             jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids, start),
+            fresh,
         )
         cos, sin = rope_tables(self.config, positions, dtype)
         inputs = LayerInputs(cos, sin, positions, segment_ids, segment_ids > 0)
         x = self.embed[...][input_ids].astype(dtype)
+        if fresh:  # a whole prompt: token-parallel work split over the mesh as in training
+            x = constrain(x, ACT_BTD)
         layers = []
         for stack, caches in zip(self.stacks, cache.layers):
             x, caches = stack.extend(x, inputs, slots, caches)
