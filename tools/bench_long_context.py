@@ -5,8 +5,14 @@ tokens is not what is being measured) on one sequence of T tokens, on the defaul
 first device, or on a simulated CPU mesh with `--context N` (ring attention and the parallel
 delta rule). One JSON line per length: seconds, tokens/s, attention FLOP/s (causal half).
 
+With `--cache`, what is timed is inference: `prefill` of the T-token prompt into an empty KV /
+recurrent-state cache (on a context mesh: one sequence-parallel pass, the cache split along its
+slots), then `--decode` greedy decoding steps over it (per-shard attention merged by
+log-sum-exp). Adds decode ms/token and the cache bytes held by one device.
+
     python tools/bench_long_context.py --preset qwen3.5-moe-tiny --lengths 32768,131072 \\
         [--dtype bfloat16 --attn-block 1024 --set hidden_size=512 ...] [--context 8]
+    python tools/bench_long_context.py --cache --decode 16 --context 8 --lengths 65536
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import json
 import os
 import sys
 import time
+from functools import partial
 
 
 def main(argv=None):
@@ -27,6 +34,8 @@ def main(argv=None):
     ap.add_argument("--context", type=int, default=1, help="simulated CPU devices on context")
     ap.add_argument("--set", action="append", default=[], help="model field=value (ints)")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--cache", action="store_true", help="time prefill into a cache + decoding")
+    ap.add_argument("--decode", type=int, default=8, help="decoding steps timed with --cache")
     a = ap.parse_args(argv)
     if a.context > 1:
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -61,6 +70,13 @@ def main(argv=None):
             spec = NamedSharding(mesh, PartitionSpec(None, "context"))
             ids, pos = (jax.device_put(to_layout(x, a.context, "zigzag"), spec) for x in (ids, pos))
         scope = activate(mesh) if mesh is not None else contextlib.nullcontext()
+        if a.cache:
+            with scope:
+                result = _time_cache(model, ids, a)
+            print(json.dumps({"preset": a.preset, "overrides": over, "tokens": T,
+                              "dtype": a.dtype, "device": jax.devices()[0].device_kind,
+                              "context": a.context, **result}), flush=True)
+            continue
         with scope:
             fwd = jax.jit(lambda i, p: model.hidden_states(i, positions=p)[0].sum(dtype=jnp.float32))
             t0 = time.perf_counter()
@@ -79,6 +95,58 @@ def main(argv=None):
             "seconds": round(s, 3), "tokens_per_s": round(T / s), "compile_s": round(compile_s, 1),
             "attention_tflops_per_s": round(attn_flops / s / 1e12, 2),
         }), flush=True)
+
+
+def _time_cache(model, ids, a) -> dict:
+    """Prefill `ids` [1,T] (global order) into an empty cache with room for a.decode more
+    tokens, then a.decode greedy steps; best of a.repeats for prefill."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from qwenjax.infer.cache import cache_bytes, context_multiple, decode_step, init_cache, prefill
+
+    T = ids.shape[1]
+    m = context_multiple()
+    slots = -(-(T + a.decode) // m) * m
+    seg = np.ones_like(ids)
+    pos = np.arange(T, dtype=np.int32)[None]
+
+    @jax.jit
+    def fill(ids, pos, seg):
+        cache = init_cache(model.config, 1, slots)
+        logits, cache = prefill(model, cache, ids, pos, seg, chunk=min(T, 4096))
+        return jnp.argmax(logits, -1).astype(jnp.int32), cache
+
+    @partial(jax.jit, donate_argnums=1)
+    def step(token, cache, position):
+        logits, cache = decode_step(model, cache, token, position)
+        return jnp.argmax(logits, -1).astype(jnp.int32), cache
+
+    t0 = time.perf_counter()
+    token, cache = jax.block_until_ready(fill(ids, pos, seg))
+    compile_s = time.perf_counter() - t0
+    times = []
+    for _ in range(a.repeats):
+        del cache
+        t0 = time.perf_counter()
+        token, cache = jax.block_until_ready(fill(ids, pos, seg))
+        times.append(time.perf_counter() - t0)
+    token, cache = jax.block_until_ready(step(token, cache, jnp.full((1,), T, jnp.int32)))
+    t0 = time.perf_counter()
+    for i in range(1, a.decode):
+        token, cache = step(token, cache, jnp.full((1,), T + i, jnp.int32))
+    jax.block_until_ready(token)
+    per_device = max(sum(s.data.nbytes for leaf in jax.tree.leaves(cache)
+                         for s in leaf.addressable_shards if s.device == d)
+                     for d in jax.devices())
+    return {
+        "prefill_seconds": round(min(times), 3), "prefill_tokens_per_s": round(T / min(times)),
+        "prefill_compile_s": round(compile_s, 1),
+        "decode_ms_per_token": round((time.perf_counter() - t0) / max(a.decode - 1, 1) * 1e3, 2),
+        "cache_mib_total": round(cache_bytes(cache) / 2**20, 1),
+        "cache_mib_per_device": round(per_device / 2**20, 1),
+    }
 
 
 if __name__ == "__main__":
