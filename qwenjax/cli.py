@@ -4,7 +4,7 @@
     qwenjax import-hf HF_DIR CKPT_DIR     HF checkpoint -> Orbax parameter checkpoint
     qwenjax export-hf CKPT_DIR HF_DIR     Orbax parameter checkpoint -> HF directory
     qwenjax eval EXPERIMENT.yaml [--set ...] [--run-dir DIR] [--out DIR]   long-context eval
-    qwenjax generate (--hf DIR | --checkpoint DIR) --prompt TEXT [--chat] [sampling flags]
+    qwenjax generate (--hf DIR | --checkpoint DIR) --prompt TEXT [--chat] [--mesh context=8] [...]
 
 Bad input (a QwenJaxError) prints one line `qwenjax: error: ...` and exits with status 2.
 """
@@ -12,6 +12,7 @@ Bad input (a QwenJaxError) prints one line `qwenjax: error: ...` and exits with 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -87,7 +88,10 @@ def cmd_generate(args) -> None:
         load_for_inference,
     )
 
-    model, tokenizer = load_for_inference(args.hf, args.checkpoint, dtype=args.dtype)
+    from qwenjax.sharding import activate
+
+    mesh = _mesh_arg(args.mesh)
+    model, tokenizer = load_for_inference(args.hf, args.checkpoint, dtype=args.dtype, mesh=mesh)
     if tokenizer is None:
         raise ConfigError(f"no tokenizer.json in {args.hf or args.checkpoint}")
     if args.chat:
@@ -100,15 +104,18 @@ def cmd_generate(args) -> None:
         top_k=args.top_k, top_p=args.top_p, stop_tokens=default_stop_tokens(model, tokenizer),
         seed=args.seed,
     )
-    # Decode the growing sequence and print only the new characters: a multi-byte character
-    # split over tokens appears once it is complete.
-    new, shown = [], ""
-    for token in stream:
-        new.append(token)
-        text = tokenizer.decode(new)
-        if not text.endswith("\ufffd"):
-            print(text[len(shown):], end="", flush=True)
-            shown = text
+    # The stream runs lazily, so the whole loop sits under the mesh (context > 1: the prompt is
+    # prefilled sequence-parallel and the cache split over the context devices).
+    with activate(mesh) if mesh is not None else contextlib.nullcontext():
+        # Decode the growing sequence and print only the new characters: a multi-byte
+        # character split over tokens appears once it is complete.
+        new, shown = [], ""
+        for token in stream:
+            new.append(token)
+            text = tokenizer.decode(new)
+            if not text.endswith("\ufffd"):
+                print(text[len(shown):], end="", flush=True)
+                shown = text
     print(tokenizer.decode(new)[len(shown):], flush=True)
 
 
@@ -146,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mesh", help="e.g. context=8 (long prompts) or fsdp=2,expert=4")
     p.add_argument("--dtype", default="float32")
     p.set_defaults(func=cmd_generate)
 

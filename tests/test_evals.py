@@ -227,6 +227,30 @@ def test_qwenjax_adapter_logprobs_match_full_logits():
         np.testing.assert_allclose(g, lp[b, np.arange(len(s) - 1), s[1:]], atol=2e-5)
 
 
+def test_qwenjax_adapter_on_a_context_mesh_matches_one_device():
+    """An eval experiment with `context` > 1: scoring runs sequence-parallel (tokens in the
+    zigzag layout and back) and generation prefills over the ring; both equal one device."""
+    import jax
+    from flax import nnx
+
+    from qwenjax.config import load_preset
+    from qwenjax.evals.model_api import QwenJaxModel
+    from qwenjax.model.partition import state_shardings
+    from qwenjax.model.transformer import init_model
+    from qwenjax.sharding import make_mesh
+
+    model = init_model(load_preset("qwen3.5-moe-tiny").replace(num_layers=4), seed=0)
+    mesh = make_mesh({"context": 4}, jax.devices()[:4])
+    graphdef, params = nnx.split(model)
+    sharded = nnx.merge(graphdef, jax.device_put(params, state_shardings(params, mesh)))
+    seqs = [list(range(3, 24)), list(range(40, 53))]
+    one, ctx = QwenJaxModel(model, chunk=8), QwenJaxModel(sharded, chunk=8, mesh=mesh)
+    for a, b in zip(one.logprobs(seqs), ctx.logprobs(seqs)):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(b, a, atol=2e-5)
+    assert ctx.generate(seqs, 6) == one.generate(seqs, 6)
+
+
 def test_context_override_keeps_weights_and_merges_rope():
     from qwenjax.config import load_preset
     from qwenjax.evals.loading import with_context_settings

@@ -36,14 +36,13 @@ def model_source(exp: ExperimentConfig, run_dir: str | Path) -> Path:
 
 
 def load(exp: ExperimentConfig, run_dir: str | Path) -> tuple[CausalLM, Tokenizer, Path]:
-    """(model with the experiment's context settings, tokenizer, where they came from)."""
+    """(model with the experiment's context settings, tokenizer, where they came from); with a
+    mesh in the experiment the model is sharded on `eval_mesh(exp)`."""
     from qwenjax.hf.convert import from_pretrained
     from qwenjax.train.checkpoint import load_params
 
     src = model_source(exp, run_dir)
-    # One device needs no mesh (and a mesh of 1 would not cover simulated multi-device hosts).
-    mesh = make_mesh(exp.mesh.shape()) if math.prod(exp.mesh.shape().values()) > 1 else None
-    rules = check_rules(exp.mesh.rules)
+    mesh, rules = eval_mesh(exp), check_rules(exp.mesh.rules)
     tok_dirs = [Path(exp.tokenizer.path)] if exp.tokenizer.kind == "hf" else []
     if (src / "hf" / "config.json").exists():  # a training run
         src = src / "hf"
@@ -64,6 +63,12 @@ def load(exp: ExperimentConfig, run_dir: str | Path) -> tuple[CausalLM, Tokenize
     if not found:
         raise ConfigError(f"eval model {src}: no tokenizer.json; set tokenizer.kind=hf and path")
     return with_context_settings(model, exp.model_overrides), load_tokenizer(found[0]), src
+
+
+def eval_mesh(exp: ExperimentConfig):
+    """The experiment's mesh, or None for one device (a mesh of 1 would not cover simulated
+    multi-device hosts)."""
+    return make_mesh(exp.mesh.shape()) if math.prod(exp.mesh.shape().values()) > 1 else None
 
 
 def with_context_settings(model: CausalLM, overrides: dict) -> CausalLM:

@@ -13,6 +13,8 @@ at a time: full [B, T, V] float32 logits of a 1M-token row of a 152K vocabulary 
 
 from __future__ import annotations
 
+import contextlib
+import math
 from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Protocol, runtime_checkable
@@ -22,8 +24,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from qwenjax.infer.cache import context_multiple
 from qwenjax.infer.generate import generate
 from qwenjax.model.transformer import CausalLM
+from qwenjax.ops.context_layout import from_layout, to_layout
+from qwenjax.sharding import activate, context_parallel
 
 
 @runtime_checkable
@@ -33,34 +38,59 @@ class EvalModel(Protocol):
 
 
 class QwenJaxModel:
-    """A CausalLM as an EvalModel: greedy `qwenjax.generate`, chunked-head log-probabilities."""
+    """A CausalLM as an EvalModel: greedy `qwenjax.generate`, chunked-head log-probabilities.
 
-    def __init__(self, model: CausalLM, *, stop_tokens: Sequence[int] = (), chunk: int = 512):
+    With `mesh` (the model sharded on it) both calls run under it: with `context` > 1 prompts
+    are prefilled sequence-parallel into a slot-sharded cache, and scored sequences are split
+    over the context devices in `context_layout`, as in training.
+    """
+
+    def __init__(self, model: CausalLM, *, stop_tokens: Sequence[int] = (), chunk: int = 512,
+                 mesh: jax.sharding.Mesh | None = None, rules: dict | None = None,
+                 context_layout: str = "zigzag"):
         self.model = model
         self.stop_tokens = tuple(stop_tokens)
         self.chunk = chunk  # positions projected to the vocabulary at once
+        self.mesh, self.rules, self.layout = mesh, rules, context_layout
+
+    def _scope(self):
+        if self.mesh is None:
+            return contextlib.nullcontext()
+        return activate(self.mesh, self.rules, self.layout)
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
-        return generate(
-            self.model,
-            prompts,
-            max_new_tokens=max_new_tokens,
-            temperature=0.0,
-            stop_tokens=self.stop_tokens,
-        )
+        with self._scope():
+            return generate(
+                self.model,
+                prompts,
+                max_new_tokens=max_new_tokens,
+                temperature=0.0,
+                stop_tokens=self.stop_tokens,
+            )
 
     def logprobs(self, sequences: list[list[int]]) -> list[np.ndarray]:
-        longest = max(len(s) for s in sequences)
-        chunk = min(self.chunk, longest)
-        T = -(-longest // chunk) * chunk  # padded to whole chunks; causal, so padding is inert
-        ids = np.zeros((len(sequences), T), np.int32)
-        mask = np.zeros((len(sequences), T), np.int32)
-        for b, s in enumerate(sequences):
-            ids[b, : len(s)], mask[b, : len(s)] = s, 1
-        graphdef, params = nnx.split(self.model)
-        out = np.asarray(
-            _token_logprobs(graphdef, params, jnp.asarray(ids), jnp.asarray(mask), chunk)
-        )
+        with self._scope():
+            n = context_multiple()
+            longest = max(len(s) for s in sequences)
+            chunk = min(self.chunk, longest)
+            unit = math.lcm(chunk, n)
+            T = -(-longest // unit) * unit  # whole chunks; causal, so padding is inert
+            ids = np.zeros((len(sequences), T), np.int32)
+            mask = np.zeros((len(sequences), T), np.int32)
+            for b, s in enumerate(sequences):
+                ids[b, : len(s)], mask[b, : len(s)] = s, 1
+            targets = np.concatenate([ids[:, 1:], np.zeros_like(ids[:, :1])], axis=1)
+            positions = np.broadcast_to(np.arange(T, dtype=np.int32), ids.shape)
+            ctx = context_parallel()
+            lay = (lambda x: x) if ctx is None else (
+                lambda x: to_layout(x, ctx[0].shape["context"], ctx[1]))
+            graphdef, params = nnx.split(self.model)
+            out = np.asarray(_token_logprobs(
+                graphdef, params, *(jnp.asarray(lay(x)) for x in (ids, targets, positions, mask)),
+                chunk,
+            ))
+            if ctx is not None:
+                out = from_layout(out, ctx[0].shape["context"], ctx[1])
         return [out[b, : len(s) - 1] for b, s in enumerate(sequences)]
 
 
@@ -74,14 +104,14 @@ def call_batched(fn: Callable[[list], list], items: list, batch_size: int) -> li
     return out
 
 
-@partial(jax.jit, static_argnums=(0, 4))
-def _token_logprobs(graphdef, params, ids, mask, chunk: int):
-    """ids, mask [B,T] -> log p(ids[:, t+1] | ids[:, :t+1]) [B,T-1], T a multiple of chunk."""
+@partial(jax.jit, static_argnums=(0, 6))
+def _token_logprobs(graphdef, params, ids, targets, positions, mask, chunk: int):
+    """ids, targets (the next tokens), positions, mask [B,T], in the token layout -> log p(target
+    | tokens up to it) [B,T], same order; T a multiple of chunk."""
     model = nnx.merge(graphdef, params)
-    h, _ = model.hidden_states(ids, attention_mask=mask)  # [B,T,D]
+    h, _ = model.hidden_states(ids, positions=positions, attention_mask=mask)  # [B,T,D]
     w = model.head_kernel().astype(h.dtype)  # [D,V]
     B, T, D = h.shape
-    targets = jnp.concatenate([ids[:, 1:], jnp.zeros((B, 1), ids.dtype)], axis=1)  # [B,T]
     n = T // chunk
     h_nbcd = h.reshape(B, n, chunk, D).transpose(1, 0, 2, 3)
     t_nbc = targets.reshape(B, n, chunk).transpose(1, 0, 2)
@@ -93,4 +123,4 @@ def _token_logprobs(graphdef, params, ids, mask, chunk: int):
         return picked - jax.nn.logsumexp(logits, axis=-1)
 
     lp_nbc = jax.lax.map(one, (h_nbcd, t_nbc))
-    return lp_nbc.transpose(1, 0, 2).reshape(B, T)[:, :-1]
+    return lp_nbc.transpose(1, 0, 2).reshape(B, T)

@@ -160,14 +160,17 @@ def run_experiment(
     exp: ExperimentConfig, run_dir: str | Path, out_dir: str | Path | None = None
 ) -> dict[str, Any]:
     """`qwenjax eval`: load the experiment's model (see `loading`) and run its eval section."""
-    from qwenjax.evals.loading import load
+    from qwenjax.evals.loading import eval_mesh, load
     from qwenjax.evals.model_api import QwenJaxModel
+    from qwenjax.sharding import check_rules
 
     model, tokenizer, src = load(exp, run_dir)
     out = Path(out_dir or exp.eval.output_dir or Path(run_dir) / "eval")
-    results = run(
-        QwenJaxModel(model, stop_tokens=[tokenizer.eos_id]), tokenizer, exp.eval, out, name=str(src)
-    )
+    # Under the experiment's mesh: with `context` > 1, prefill and scoring are sequence-parallel.
+    evaluated = QwenJaxModel(model, stop_tokens=[tokenizer.eos_id], mesh=eval_mesh(exp),
+                             rules=check_rules(exp.mesh.rules),
+                             context_layout=exp.mesh.context_layout)
+    results = run(evaluated, tokenizer, exp.eval, out, name=str(src))
     return {
         "output_dir": str(out),
         "files": results["files"],
