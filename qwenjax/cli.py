@@ -87,7 +87,6 @@ def cmd_generate(args) -> None:
         generate_stream,
         load_for_inference,
     )
-
     from qwenjax.sharding import activate
 
     mesh = _mesh_arg(args.mesh)
