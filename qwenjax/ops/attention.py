@@ -76,8 +76,8 @@ def attention_with_lse(
 
 
 # ---- layout ---------------------------------------------------------------------------------
-# Internally everything is head-major, so batch dims (b, k) lead every dot product:
-#   q [B,K,G,T,Dh], k/v [B,K,T,Dh]; blocked along T: q [nq,B,K,G,bq,Dh], k/v [nk,B,K,bk,Dh].
+# Internally everything is blocked along T and head-major, so batch dims (b, k) lead every dot
+# product: q [nq,B,K,G,bq,Dh], k/v [nk,B,K,bk,Dh], positions / segment ids [n,B,block].
 
 
 def _pad_to(x, block, axis, value):
@@ -89,39 +89,40 @@ def _pad_to(x, block, axis, value):
     return jnp.pad(x, widths, constant_values=value)
 
 
-def _blocks(x, block, axis):
-    """Split `axis` (a multiple of block) into [n, ..., block, ...] with n leading."""
-    shape = x.shape[:axis] + (x.shape[axis] // block, block) + x.shape[axis + 1:]
-    return jnp.moveaxis(x.reshape(shape), axis, 0)
+def _token_blocks(x, block, value):
+    """[B,T] -> [n,B,block] (T padded with `value` to a multiple of block)."""
+    x = _pad_to(x, block, 1, value)
+    return x.reshape(x.shape[0], -1, block).transpose(1, 0, 2)
 
 
-def _unblocks(x, axis):
-    """Inverse of `_blocks`: [n, ..., block, ...] -> [..., n*block, ...] at `axis`."""
-    x = jnp.moveaxis(x, 0, axis)
-    return x.reshape(x.shape[:axis] + (-1,) + x.shape[axis + 2:])
+def _head_blocks(x, K, block):
+    """[B,T,H,*d] -> [n,B,K,G,block,*d], G = H / K (T padded with zeros).
+
+    One reshape, then one transpose. (Transposing to head-major, then splitting T and moving
+    the block index to the front is the same permutation, but with the reshape in between
+    XLA:CPU permutes the data twice.)"""
+    x = _pad_to(x, block, 1, 0)
+    B, T, H = x.shape[:3]
+    x = x.reshape(B, T // block, block, K, H // K, *x.shape[3:])
+    return x.transpose(1, 0, 3, 4, 2, *range(5, x.ndim))
 
 
-def _q_heads(q, K):
-    """[B,T,H,Dh] -> [B,K,G,T,Dh]."""
-    B, T, H, Dh = q.shape
-    return q.reshape(B, T, K, H // K, Dh).transpose(0, 2, 3, 1, 4)
-
-
-def _q_tokens(x):
-    """[B,K,G,T,Dh] -> [B,T,H,Dh]."""
-    B, K, G, T, Dh = x.shape
-    return x.transpose(0, 3, 1, 2, 4).reshape(B, T, K * G, Dh)
+def _head_unblocks(x, T):
+    """Inverse of `_head_blocks`, padding dropped: [n,B,K,G,block,*d] -> [B,T,K*G,*d]."""
+    n, B, K, G, block = x.shape[:5]
+    x = x.transpose(1, 0, 4, 2, 3, *range(5, x.ndim))
+    return x.reshape(B, n * block, K * G, *x.shape[5:])[:, :T]
 
 
 def _prep(q, k, v, q_pos, kv_pos, q_seg, kv_seg, bq, bk):
     K = k.shape[2]
-    qb = _blocks(_pad_to(_q_heads(q, K), bq, 3, 0), bq, 3)  # [nq,B,K,G,bq,Dh]
-    kb = _blocks(_pad_to(k.transpose(0, 2, 1, 3), bk, 2, 0), bk, 2)  # [nk,B,K,bk,Dh]
-    vb = _blocks(_pad_to(v.transpose(0, 2, 1, 3), bk, 2, 0), bk, 2)
-    q_pos_b = _blocks(_pad_to(q_pos, bq, 1, 0), bq, 1)  # [nq,B,bq]
-    q_seg_b = _blocks(_pad_to(q_seg, bq, 1, _Q_PAD_SEGMENT), bq, 1)
-    kv_pos_b = _blocks(_pad_to(kv_pos, bk, 1, 0), bk, 1)
-    kv_seg_b = _blocks(_pad_to(kv_seg, bk, 1, _KV_PAD_SEGMENT), bk, 1)
+    qb = _head_blocks(q, K, bq)  # [nq,B,K,G,bq,Dh]
+    kb = _head_blocks(k, K, bk)[:, :, :, 0]  # [nk,B,K,bk,Dh]
+    vb = _head_blocks(v, K, bk)[:, :, :, 0]
+    q_pos_b = _token_blocks(q_pos, bq, 0)  # [nq,B,bq]
+    q_seg_b = _token_blocks(q_seg, bq, _Q_PAD_SEGMENT)
+    kv_pos_b = _token_blocks(kv_pos, bk, 0)
+    kv_seg_b = _token_blocks(kv_seg, bk, _KV_PAD_SEGMENT)
     return qb, q_pos_b, q_seg_b, kb, vb, kv_pos_b, kv_seg_b
 
 
@@ -173,7 +174,7 @@ def _forward_q_block(qb, q_pos, q_seg, kv_blocks, causal, scale):
 
 
 def _flash_forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, causal, scale, bq, bk):
-    B, Tq, H, Dh = q.shape
+    Tq = q.shape[1]
     qb, q_pos_b, q_seg_b, kb, vb, kv_pos_b, kv_seg_b = _prep(
         q, k, v, q_pos, kv_pos, q_seg, kv_seg, bq, bk
     )
@@ -185,9 +186,7 @@ def _flash_forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, causal, scale, bq, bk)
         return o.astype(q.dtype), lse
 
     o, lse = jax.lax.map(one, (qb, q_pos_b, q_seg_b))  # [nq,B,K,G,bq,Dh], [nq,B,K,G,bq]
-    o = _q_tokens(_unblocks(o, 3)[:, :, :, :Tq])
-    lse = _unblocks(lse, 3)[..., :Tq]  # [B,K,G,Tq]
-    return o, lse.transpose(0, 3, 1, 2).reshape(B, Tq, H)
+    return _head_unblocks(o, Tq), _head_unblocks(lse, Tq)
 
 
 # ---- custom VJP -------------------------------------------------------------------------------
@@ -220,57 +219,70 @@ def attention_backward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, o, lse, do, *, cau
 
     `lse` may be the log-sum-exp over a larger key set than `k`/`v` (ring attention passes the
     global one); the result is then this key set's share of dq and its exact dk/dv.
-    Outer scan over key blocks (dq accumulated across it), inner scan over query blocks; the
-    probabilities of each visible block pair are computed once.
+    Outer scan over key blocks, inner scan over query blocks; the probabilities of each visible
+    block pair are computed once. The current key block's dk, dv (transposed, see
+    `_backward_pair`) ride in the inner carry; dq is one fp32 buffer for all query blocks that
+    each visible pair adds its share to in place, so no per-key-block dq is ever stacked.
     """
-    B, Tq, H, Dh = q.shape
-    K = k.shape[2]
-    Tk = k.shape[1]
+    B, Tq, _, Dh = q.shape
+    Tk, K = k.shape[1:3]
     qb, q_pos_b, q_seg_b, kb, vb, kv_pos_b, kv_seg_b = _prep(
         q, k, v, q_pos, kv_pos, q_seg, kv_seg, bq, bk
     )
     nq, nk = qb.shape[0], kb.shape[0]
-    delta = jnp.sum(do.astype(F32) * o.astype(F32), axis=-1)  # [B,Tq,H]
-
-    def per_head_blocks(x):  # [B,Tq,H] -> [nq,B,K,G,bq]
-        x = x.reshape(B, Tq, K, H // K).transpose(0, 2, 3, 1)
-        return _blocks(_pad_to(x, bq, 3, 0), bq, 3)
-
-    lse_b = per_head_blocks(jnp.where(jnp.isfinite(lse), lse, 0.0))
-    delta_b = per_head_blocks(delta)
-    dob = _blocks(_pad_to(_q_heads(do, K), bq, 3, 0), bq, 3)
-    q_side = (qb, dob, lse_b, delta_b, q_pos_b, q_seg_b)
+    delta = jnp.sum(do.astype(F32) * o.astype(F32), axis=-1)  # [B,Tq,H]: rowsum(dO * O)
+    lse_b = _head_blocks(jnp.where(jnp.isfinite(lse), lse, 0.0), K, bq)  # [nq,B,K,G,bq]
+    dob = _head_blocks(do, K, bq)
+    q_side = (qb, _dh_major(qb), dob, _dh_major(dob), lse_b, _head_blocks(delta, K, bq))
 
     def kv_step(dq_all, kv_blk):
         kblk, vblk, kp, ks = kv_blk
 
-        def q_step(carry, q_blk):
-            qblk, dob_blk, lse_blk, delta_blk, qp, qs = q_blk
-            mask = visible(qp, kp, qs, ks, causal)[:, None, None]
+        def q_step(carry, i):
+            mask = visible(q_pos_b[i], kp, q_seg_b[i], ks, causal)[:, None, None]
 
-            def compute(carry):
-                dk, dv, _ = carry
-                p = jnp.where(mask, jnp.exp(_scores(qblk, kblk, scale) - lse_blk[..., None]), 0.0)
-                dv = dv + jnp.einsum(
-                    "bkgqs,bkgqd->bksd", p.astype(dob_blk.dtype), dob_blk, preferred_element_type=F32
-                )
-                dp = jnp.einsum("bkgqd,bksd->bkgqs", dob_blk, vblk, preferred_element_type=F32)
-                ds = p * (dp - delta_blk[..., None])
-                dk = dk + jnp.einsum("bkgqs,bkgqd->bksd", ds, qblk, preferred_element_type=F32)
-                dq = jnp.einsum("bkgqs,bksd->bkgqd", ds, kblk, preferred_element_type=F32)
-                return dk, dv, dq
+            def compute(carry):  # slices inside the branch: a skipped pair copies nothing
+                dk_t, dv_t, dq_all = carry
+                ddk_t, ddv_t, dq = _backward_pair(*(x[i] for x in q_side), kblk, vblk, mask, scale)
+                dq_all = jax.lax.dynamic_update_index_in_dim(dq_all, dq_all[i] + dq, i, 0)
+                return dk_t + ddk_t, dv_t + ddv_t, dq_all
 
-            zero_dq = jnp.zeros(qblk.shape, F32)
-            dk, dv, dq = _skip_or(mask, compute, (*carry, zero_dq), nq * nk)
-            return (dk, dv), dq
+            return _skip_or(mask, compute, carry, nq * nk), None
 
-        zeros = jnp.zeros(kblk.shape, F32)
-        (dk, dv), dq = jax.lax.scan(q_step, (zeros, zeros), q_side)
-        return dq_all + dq, (dk * scale, dv)
+        zeros = jnp.zeros((B, K, Dh, bk), F32)
+        (dk_t, dv_t, dq_all), _ = jax.lax.scan(q_step, (zeros, zeros, dq_all), jnp.arange(nq))
+        return dq_all, (dk_t, dv_t)
 
     dq0 = jnp.zeros(qb.shape, F32)
-    dq, (dk, dv) = jax.lax.scan(kv_step, dq0, (kb, vb, kv_pos_b, kv_seg_b))
-    dq = _q_tokens(_unblocks(dq * scale, 3)[:, :, :, :Tq]).astype(q.dtype)
-    dk = _unblocks(dk, 2)[:, :, :Tk].transpose(0, 2, 1, 3).astype(k.dtype)
-    dv = _unblocks(dv, 2)[:, :, :Tk].transpose(0, 2, 1, 3).astype(v.dtype)
-    return dq, dk, dv
+    dq, (dk_t, dv_t) = jax.lax.scan(kv_step, dq0, (kb, vb, kv_pos_b, kv_seg_b))
+    dq = _head_unblocks(dq * scale, Tq).astype(q.dtype)
+
+    def kv_tokens(x_t):  # [nk,B,K,Dh,bk] -> [B,Tk,K,Dh]
+        return x_t.transpose(1, 0, 4, 2, 3).reshape(B, nk * bk, K, Dh)[:, :Tk]
+
+    return dq, kv_tokens(dk_t * scale).astype(k.dtype), kv_tokens(dv_t).astype(v.dtype)
+
+
+def _dh_major(x):
+    """[n,B,K,G,bq,Dh] -> [n,B,K,Dh,G,bq], made once so no block is transposed in the loop."""
+    return jnp.moveaxis(x, -1, 3)
+
+
+def _backward_pair(qb, qb_t, dob, dob_t, lse, delta, kb, vb, mask, scale):
+    """One (query block, key block) pair: returns dk^T, dv^T [B,K,Dh,bk] (dk without `scale`)
+    and dq [B,K,G,bq,Dh] (without `scale`).
+
+    dk and dv are computed transposed, as [Dh, G*bq] x [G*bq, bk]: contracting the score-shaped
+    p and ds over their leading (query) dims as they lie. Computing dk = ds^T q instead makes XLA
+    transpose the [G*bq, bk] matrix in every step, which on XLA:CPU more than doubles the cost of
+    the pair. The mask goes into the exponent, so p (and with it ds) is zero where not visible
+    and no later pass needs the mask again.
+    """
+    s = jnp.where(mask, _scores(qb, kb, scale) - lse[..., None], -jnp.inf)
+    p = jnp.exp(s)  # [B,K,G,bq,bk]
+    dv_t = jnp.einsum("bkdgq,bkgqs->bkds", dob_t, p.astype(dob_t.dtype), preferred_element_type=F32)
+    dp = jnp.einsum("bkgqd,bksd->bkgqs", dob, vb, preferred_element_type=F32)
+    ds = p * (dp - delta[..., None])
+    dk_t = jnp.einsum("bkdgq,bkgqs->bkds", qb_t, ds, preferred_element_type=F32)
+    dq = jnp.einsum("bkgqs,bksd->bkgqd", ds, kb, preferred_element_type=F32)
+    return dk_t, dv_t, dq
