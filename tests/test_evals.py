@@ -227,7 +227,7 @@ def test_qwenjax_adapter_logprobs_match_full_logits():
         np.testing.assert_allclose(g, lp[b, np.arange(len(s) - 1), s[1:]], atol=2e-5)
 
 
-def test_qwenjax_adapter_on_a_context_mesh_matches_one_device():
+def test_qwenjax_adapter_on_a_context_mesh_matches_one_device(monkeypatch):
     """An eval experiment with `context` > 1: scoring runs sequence-parallel (tokens in the
     zigzag layout and back) and generation prefills over the ring; both equal one device."""
     import jax
@@ -235,6 +235,7 @@ def test_qwenjax_adapter_on_a_context_mesh_matches_one_device():
 
     from qwenjax.config import load_preset
     from qwenjax.evals.model_api import QwenJaxModel
+    from qwenjax.model import sequence_ops
     from qwenjax.model.partition import state_shardings
     from qwenjax.model.transformer import init_model
     from qwenjax.sharding import make_mesh
@@ -245,10 +246,16 @@ def test_qwenjax_adapter_on_a_context_mesh_matches_one_device():
     sharded = nnx.merge(graphdef, jax.device_put(params, state_shardings(params, mesh)))
     seqs = [list(range(3, 24)), list(range(40, 53))]
     one, ctx = QwenJaxModel(model, chunk=8), QwenJaxModel(sharded, chunk=8, mesh=mesh)
-    for a, b in zip(one.logprobs(seqs), ctx.logprobs(seqs)):
+    want_lp, want_gen = one.logprobs(seqs), one.generate(seqs, 6)
+    rings = []
+    ring = sequence_ops.ring_attention
+    monkeypatch.setattr(sequence_ops, "ring_attention", lambda *a, **k: rings.append(1) or ring(*a, **k))
+    for a, b in zip(want_lp, ctx.logprobs(seqs)):
         assert a.shape == b.shape
         np.testing.assert_allclose(b, a, atol=2e-5)
-    assert ctx.generate(seqs, 6) == one.generate(seqs, 6)
+    scored = len(rings)
+    assert ctx.generate(seqs, 6) == want_gen
+    assert scored >= 1 and len(rings) > scored  # both calls ran under the mesh, over the ring
 
 
 def test_context_override_keeps_weights_and_merges_rope():

@@ -48,22 +48,28 @@ def test_context_sharded_cache_decodes_like_one_device(preset):
     assert {s.data.shape[2] for s in k.addressable_shards} == {32 // 4}
 
 
-@pytest.mark.parametrize("preset", ["qwen3-moe-tiny", "qwen3.5-moe-tiny"])
-def test_context_prefill_runs_ring_and_parallel_scan(preset, monkeypatch):
-    """Under `context=4` the whole prompt goes through ring attention and the parallel
+@pytest.mark.parametrize("preset,shape,layout", [
+    ("qwen3-moe-tiny", {"context": 4}, "zigzag"),
+    ("qwen3.5-moe-tiny", {"context": 4}, "zigzag"),
+    ("qwen3.5-moe-tiny", {"data": 2, "context": 2}, "contiguous"),
+])
+def test_context_prefill_runs_ring_and_parallel_scan(preset, shape, layout, monkeypatch):
+    """Under a context mesh the whole prompt goes through ring attention and the parallel
     delta-rule scan (not replicated chunks over the cache), and fills the same cache: the last
-    prompt logits and the next decoding step match one device's chunked prefill."""
+    prompt logits and two decoding steps match one device's chunked prefill. One prompt is
+    shorter than the conv window (K-1 = 3), so its window keeps padding zeros."""
     from qwenjax.model import sequence_ops
 
     cfg = qwenjax.load_preset(preset).replace(num_layers=4 if "3.5" in preset else 2)
     model = qwenjax.init_model(cfg, seed=2)
-    mesh = qwenjax.make_mesh({"context": 4}, jax.devices()[:4])
+    mesh = qwenjax.make_mesh(shape, jax.devices()[:4])
     graphdef, params = nnx.split(model)
     sharded = nnx.merge(graphdef, jax.device_put(params, state_shardings(params, mesh)))
     rng = np.random.RandomState(1)
-    prompts = [rng.randint(0, cfg.vocab_size, n).tolist() for n in (21, 32, 9)]
+    sizes = (21, 32, 9, 2)
+    prompts = [rng.randint(0, cfg.vocab_size, n).tolist() for n in sizes]
     ids, pos, seg = left_pad(prompts, 32)
-    lengths = jnp.asarray([21, 32, 9], jnp.int32)
+    lengths = jnp.asarray(sizes, jnp.int32)
 
     calls = {"ring": 0, "scan": 0}
 
@@ -78,15 +84,18 @@ def test_context_prefill_runs_ring_and_parallel_scan(preset, monkeypatch):
                         counted("scan", sequence_ops.delta_rule_sequence_parallel))
 
     def run(m):
-        cache = init_cache(m.config, 3, 48)
+        cache = init_cache(m.config, len(sizes), 48)
         logits, cache = prefill(m, cache, ids, pos, seg, chunk=8)
-        token = jnp.argmax(logits, -1).astype(jnp.int32)
-        step_logits, _ = decode_step(m, cache, token, lengths)
-        return logits, step_logits
+        out = [logits]
+        for i in range(2):
+            token = jnp.argmax(out[-1], -1).astype(jnp.int32)
+            step_logits, cache = decode_step(m, cache, token, lengths + i)
+            out.append(step_logits)
+        return out
 
     ref = jax.jit(run)(model)
     assert calls == {"ring": 0, "scan": 0}
-    with activate(mesh):
+    with activate(mesh, context_layout=layout):
         out = jax.jit(run)(sharded)
     # one trace: every attention layer stack ran the ring, every Gated DeltaNet stack the scan
     assert calls["ring"] >= 1

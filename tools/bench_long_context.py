@@ -66,17 +66,17 @@ def main(argv=None):
     for T in (int(t) for t in a.lengths.split(",")):
         ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (1, T)).astype(np.int32)
         pos = np.arange(T, dtype=np.int32)[None]
-        if mesh is not None:
-            spec = NamedSharding(mesh, PartitionSpec(None, "context"))
-            ids, pos = (jax.device_put(to_layout(x, a.context, "zigzag"), spec) for x in (ids, pos))
         scope = activate(mesh) if mesh is not None else contextlib.nullcontext()
-        if a.cache:
+        if a.cache:  # prefill takes the prompt in global order and lays it out itself
             with scope:
                 result = _time_cache(model, ids, a)
             print(json.dumps({"preset": a.preset, "overrides": over, "tokens": T,
                               "dtype": a.dtype, "device": jax.devices()[0].device_kind,
                               "context": a.context, **result}), flush=True)
             continue
+        if mesh is not None:
+            spec = NamedSharding(mesh, PartitionSpec(None, "context"))
+            ids, pos = (jax.device_put(to_layout(x, a.context, "zigzag"), spec) for x in (ids, pos))
         with scope:
             fwd = jax.jit(lambda i, p: model.hidden_states(i, positions=p)[0].sum(dtype=jnp.float32))
             t0 = time.perf_counter()

@@ -70,27 +70,21 @@ class QwenJaxModel:
 
     def logprobs(self, sequences: list[list[int]]) -> list[np.ndarray]:
         with self._scope():
-            n = context_multiple()
-            longest = max(len(s) for s in sequences)
-            chunk = min(self.chunk, longest)
-            unit = math.lcm(chunk, n)
-            T = -(-longest // unit) * unit  # whole chunks; causal, so padding is inert
+            multiple = context_multiple()  # 1, or what the context layout divides into
+            ctx = context_parallel()
+            shards = 1 if ctx is None else ctx[0].shape["context"]
+            longest = -(-max(len(s) for s in sequences) // multiple) * multiple
+            chunk = min(self.chunk, longest // shards)
+            unit = math.lcm(multiple, shards * chunk)  # whole chunks on every context shard
+            T = -(-longest // unit) * unit  # causal, so padding is inert
             ids = np.zeros((len(sequences), T), np.int32)
             mask = np.zeros((len(sequences), T), np.int32)
             for b, s in enumerate(sequences):
                 ids[b, : len(s)], mask[b, : len(s)] = s, 1
-            targets = np.concatenate([ids[:, 1:], np.zeros_like(ids[:, :1])], axis=1)
-            positions = np.broadcast_to(np.arange(T, dtype=np.int32), ids.shape)
-            ctx = context_parallel()
-            lay = (lambda x: x) if ctx is None else (
-                lambda x: to_layout(x, ctx[0].shape["context"], ctx[1]))
             graphdef, params = nnx.split(self.model)
-            out = np.asarray(_token_logprobs(
-                graphdef, params, *(jnp.asarray(lay(x)) for x in (ids, targets, positions, mask)),
-                chunk,
-            ))
-            if ctx is not None:
-                out = from_layout(out, ctx[0].shape["context"], ctx[1])
+            out = np.asarray(
+                _token_logprobs(graphdef, params, jnp.asarray(ids), jnp.asarray(mask), chunk)
+            )
         return [out[b, : len(s) - 1] for b, s in enumerate(sequences)]
 
 
@@ -104,23 +98,36 @@ def call_batched(fn: Callable[[list], list], items: list, batch_size: int) -> li
     return out
 
 
-@partial(jax.jit, static_argnums=(0, 6))
-def _token_logprobs(graphdef, params, ids, targets, positions, mask, chunk: int):
-    """ids, targets (the next tokens), positions, mask [B,T], in the token layout -> log p(target
-    | tokens up to it) [B,T], same order; T a multiple of chunk."""
+@partial(jax.jit, static_argnums=(0, 4))
+def _token_logprobs(graphdef, params, ids, mask, chunk: int):
+    """ids, mask [B,T] -> log p(ids[:, t+1] | ids[:, :t+1]) [B,T] (last column meaningless).
+
+    With `context` > 1 the tokens go into the context layout (and the result back out of it),
+    and each device projects its own shard's chunks: the vocabulary projection never gathers
+    the hidden states of the whole sequence. T is a multiple of chunk * context size.
+    """
     model = nnx.merge(graphdef, params)
-    h, _ = model.hidden_states(ids, positions=positions, attention_mask=mask)  # [B,T,D]
+    B, T = ids.shape
+    positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    targets = jnp.concatenate([ids[:, 1:], jnp.zeros((B, 1), ids.dtype)], axis=1)
+    ctx = context_parallel()
+    shards = 1 if ctx is None else ctx[0].shape["context"]
+    lay, unlay = (lambda x: x), (lambda x: x)
+    if ctx is not None:
+        lay = lambda x: to_layout(x, shards, ctx[1])
+        unlay = lambda x: from_layout(x, shards, ctx[1])
+    h, _ = model.hidden_states(lay(ids), positions=lay(positions), attention_mask=lay(mask))
     w = model.head_kernel().astype(h.dtype)  # [D,V]
-    B, T, D = h.shape
-    n = T // chunk
-    h_nbcd = h.reshape(B, n, chunk, D).transpose(1, 0, 2, 3)
-    t_nbc = targets.reshape(B, n, chunk).transpose(1, 0, 2)
+    D = h.shape[-1]
+    n = T // (shards * chunk)  # chunks per shard; map step i projects chunk i of every shard
+    h_n = jnp.moveaxis(h.reshape(B, shards, n, chunk, D), 2, 0)
+    t_n = jnp.moveaxis(lay(targets).reshape(B, shards, n, chunk), 2, 0)
 
     def one(args):
-        h_bcd, t_bc = args
-        logits = jnp.einsum("bcd,dv->bcv", h_bcd, w).astype(jnp.float32)
-        picked = jnp.take_along_axis(logits, t_bc[..., None], axis=-1)[..., 0]
+        h_bscd, t_bsc = args
+        logits = jnp.einsum("bscd,dv->bscv", h_bscd, w).astype(jnp.float32)
+        picked = jnp.take_along_axis(logits, t_bsc[..., None], axis=-1)[..., 0]
         return picked - jax.nn.logsumexp(logits, axis=-1)
 
-    lp_nbc = jax.lax.map(one, (h_nbcd, t_nbc))
-    return lp_nbc.transpose(1, 0, 2).reshape(B, T)
+    lp = jnp.moveaxis(jax.lax.map(one, (h_n, t_n)), 0, 2).reshape(B, T)
+    return unlay(lp)

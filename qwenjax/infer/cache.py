@@ -1,4 +1,5 @@
-"""The inference cache and the two cached passes over it: chunked prefill and one decoding step.
+"""The inference cache and the passes over it: prefill (chunked on one device, sequence-parallel
+with `context` > 1) and one decoding step.
 
 A `Cache` (model/transformer.py) has S slots per row. Full-attention layers keep keys and values
 [R,B,S,K,Dh]; Gated DeltaNet layers keep their conv windows [R,B,K-1,...] and delta-rule state
@@ -8,8 +9,10 @@ them. Slot s of row b holds the token at `positions[b,s]` (`segment_ids[b,s]`: -
 
 Prompts of different lengths are left-padded to a common length P, so every row writes its n-th
 token at the same slot: one scalar write index, static shapes, and the last prompt token of every
-row in slot P-1. Positions count real tokens only (0 at each row's first token), which is what
-`transformers` does with left padding and an attention mask.
+row in slot P-1 (after a sequence-parallel prefill, the prompt's slots are in the context layout's
+order instead; masks only read each slot's position, so nothing else changes). Positions count
+real tokens only (0 at each row's first token), which is what `transformers` does with left
+padding and an attention mask.
 
 Dimension letters: B batch, T new tokens, P padded prompt length, C prefill chunk, S slots,
 D model, V vocab, R repeats of a stack's block.
@@ -107,7 +110,7 @@ def prefill(model: CausalLM, cache: Cache, input_ids, positions, segment_ids, *,
     On one device (or a mesh without `context`), `chunk` tokens at a time (P % chunk == 0): each
     chunk attends to the cache and itself, so memory is O(chunk * S), not O(P^2), and the chunks
     run in a `lax.scan`, so a long prompt compiles one chunk. With `context` > 1 the prompt is
-    split over the context devices instead (`prefill_sequence_parallel`).
+    split over the context devices instead (`prefill_sequence_parallel`; `chunk` is unused).
     """
     if context_parallel() is not None:
         return prefill_sequence_parallel(model, cache, input_ids, positions, segment_ids)
@@ -135,11 +138,13 @@ def prefill_sequence_parallel(model: CausalLM, cache: Cache, input_ids, position
     forms — ring attention, the parallel delta-rule scan with conv halos — runs with O(P / n)
     activations per device and fills the cache, whose slots stay split over `context` (slots
     [0, P) hold the prompt in layout order). P must divide into the layout (a multiple of 2n for
-    zigzag)."""
+    zigzag), and the cache's slot count a multiple of n. The cache must be empty."""
     mesh, layout = context_parallel()
     n = mesh.shape["context"]
-    P = input_ids.shape[1]
+    P, S = input_ids.shape[1], cache.positions.shape[1]
     check_divisible(P, n, layout)
+    if S % n:
+        raise ValueError(f"the cache's {S} slots do not split over context={n} devices")
     lay = lambda x: to_layout(jnp.asarray(x), n, layout)
     h, cache = model.extend(lay(input_ids), cache, positions=lay(positions),
                             segment_ids=lay(segment_ids), fresh=True)

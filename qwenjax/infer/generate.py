@@ -60,7 +60,8 @@ def generate(
     temperature 0 is greedy; otherwise logits / temperature, filtered by top_k (0: off) and
     top_p (1: off), are sampled with `seed`. `stop_tokens` is one list for every row or one list
     per row. Prompts longer than `prefill_chunk` are prefilled in chunks of that many tokens.
-    With `mesh` (model sharded on it), the run is traced under it: with `context` > 1 the KV
+    With `mesh` (model sharded on it), the run is traced under it: with `context` > 1 the prompt
+    is prefilled in one sequence-parallel pass (`cache.prefill_sequence_parallel`) and the KV
     cache is split along its slots over `context` (see `model/sequence_ops.cached_attention`).
     """
     if max_new_tokens < 1:
@@ -203,9 +204,11 @@ def _layout(prompts: Sequence[Sequence[int]], prefill_chunk: int, multiple: int 
     if prefill_chunk < 1:
         raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
     longest = max(len(p) for p in prompts)
+    if multiple > 1:  # sequence-parallel prefill: one pass, no chunks
+        P = -(-longest // math.lcm(_ROUND, multiple)) * math.lcm(_ROUND, multiple)
+        return (*left_pad(prompts, P), P)
     chunk = min(prefill_chunk, -(-longest // _ROUND) * _ROUND)
-    unit = math.lcm(chunk, multiple)
-    ids, positions, segs = left_pad(prompts, -(-longest // unit) * unit)
+    ids, positions, segs = left_pad(prompts, -(-longest // chunk) * chunk)
     return ids, positions, segs, chunk
 
 

@@ -37,8 +37,9 @@ class CacheSlots(NamedTuple):
     index: jax.Array  # int32 scalar: the slot of the first current token
     positions: jax.Array  # [B,S] int32: each slot's token position
     segment_ids: jax.Array  # [B,S] int32: each slot's segment id (-1: empty, 0: padding)
-    # Static: the cache held nothing before the current tokens (a whole-prompt prefill), so
-    # they attend only to each other — by ring attention when split over `context`.
+    # The cache held nothing before the current tokens (a whole-prompt prefill), so they attend
+    # only to each other — by ring attention when split over `context`. A Python bool: the
+    # layer scan closes over `CacheSlots`, it is never a traced argument.
     fresh: bool = False
 
 

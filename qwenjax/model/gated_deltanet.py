@@ -112,13 +112,14 @@ class GatedDeltaNet(nnx.Module):
         """As `__call__` for T new tokens continuing the sequence held in `cache` (one document
         per row; padding, being zeroed, leaves a zero state zero). Returns (out, new cache).
 
-        fresh: `cache` is empty and these are a whole prompt, in the token layout (with `context`
-        > 1, split over it): the full-sequence path (sequence-parallel conv and delta rule) runs
-        and the cache keeps its final state and the last K-1 pre-conv inputs in global order.
+        fresh: `cache` is empty (its contents are ignored) and these are a whole prompt in the
+        token layout (with `context` > 1, split over it): the full-sequence path runs
+        (sequence-parallel conv and delta rule) and the new cache keeps its final state and the
+        last K-1 pre-conv inputs in global order.
         """
         q, k, v, z, beta, g = self._project(x, valid)
         if fresh:
-            o, state = self._mix(q, k, v, g, beta, segment_ids, cache.state)
+            o, state = self._mix(q, k, v, g, beta, segment_ids)
             windows = [_last_window(w, new) for new, w in
                        ((q, cache.q_window), (k, cache.k_window), (v, cache.v_window))]
             return self._output(o, z), RecurrentState(*windows, state)
@@ -142,8 +143,8 @@ class GatedDeltaNet(nnx.Module):
 
 
 def _last_window(window, new):
-    """The conv window after `new` [B,T,...] (token layout) followed `window` [B,K-1,...]: the
-    last K-1 inputs in global order."""
+    """The conv window [B,K-1,...] after a fresh sequence `new` [B,T,...] (token layout): its
+    last K-1 inputs in global order, zeros first if T < K-1 (nothing came before)."""
     W, T = window.shape[1], new.shape[1]
     tail = global_tail(new, min(W, T)).astype(window.dtype)
-    return jnp.concatenate([window, tail], axis=1)[:, -W:] if T < W else tail
+    return jnp.concatenate([jnp.zeros_like(window[:, T:]), tail], axis=1) if T < W else tail
