@@ -8,6 +8,9 @@ copy the key from wherever it sits back to the end:
 
 The filler cycles the five fixed sentences of the original test ("The grass is green. ..."),
 which a model learns to predict almost at once, so the loss that is left to learn is the key.
+Its first sentence starts at a random word, as the filler window of an evaluation prompt does
+(`evals/haystack.py` cuts a sentence stream mid-way): a key followed by a broken sentence is
+then nothing the model has not seen (without it, depth 0 was the weakest row of the heatmap).
 `qwenjax.evals` builds its passkey prompts from the same strings (imported from here), so the
 evaluation asks exactly the question the training documents ask.
 
@@ -71,6 +74,9 @@ def passkey_document(rng: np.random.Generator, target_tokens: int) -> str:
     per_sentence = np.mean([estimate_tokens(s) for s in FILLER_SENTENCES])
     count = max(0, int((target_tokens - fixed_tokens) / per_sentence))
     sentences = filler(int(rng.integers(len(FILLER_SENTENCES))), count)
+    if sentences:  # the filler may start mid-sentence, as an evaluation's filler window does
+        words = sentences[0].split()
+        sentences[0] = " " + " ".join(words[int(rng.integers(len(words))):])
     depth = int(rng.integers(0, count + 1))  # the needle goes before sentence `depth`
     return "".join(
         [
