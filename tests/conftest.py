@@ -8,3 +8,21 @@ os.environ["XLA_FLAGS"] = (
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+import gc  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drop JAX's compiled programs and traces after each test module. One process runs the
+    whole suite; without this it keeps every executable of ~250 tests (and the torch models that
+    built them) alive, and XLA:CPU has crashed compiling late in the run (in a test that passes
+    on its own)."""
+    yield
+    import jax
+
+    jax.clear_caches()
+    gc.collect()
