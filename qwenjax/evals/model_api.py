@@ -26,8 +26,8 @@ from flax import nnx
 
 from qwenjax.infer.cache import context_multiple
 from qwenjax.infer.generate import generate
+from qwenjax.model.sequence_ops import from_context_layout, to_context_layout
 from qwenjax.model.transformer import CausalLM
-from qwenjax.ops.context_layout import from_layout, to_layout
 from qwenjax.sharding import activate, context_parallel
 
 
@@ -112,10 +112,7 @@ def _token_logprobs(graphdef, params, ids, mask, chunk: int):
     targets = jnp.concatenate([ids[:, 1:], jnp.zeros((B, 1), ids.dtype)], axis=1)
     ctx = context_parallel()
     shards = 1 if ctx is None else ctx[0].shape["context"]
-    lay, unlay = (lambda x: x), (lambda x: x)
-    if ctx is not None:
-        lay = lambda x: to_layout(x, shards, ctx[1])
-        unlay = lambda x: from_layout(x, shards, ctx[1])
+    lay = to_context_layout
     h, _ = model.hidden_states(lay(ids), positions=lay(positions), attention_mask=lay(mask))
     w = model.head_kernel().astype(h.dtype)  # [D,V]
     D = h.shape[-1]
@@ -130,4 +127,4 @@ def _token_logprobs(graphdef, params, ids, mask, chunk: int):
         return picked - jax.nn.logsumexp(logits, axis=-1)
 
     lp = jnp.moveaxis(jax.lax.map(one, (h_n, t_n)), 0, 2).reshape(B, T)
-    return unlay(lp)
+    return from_context_layout(lp)

@@ -29,8 +29,9 @@ import numpy as np
 from qwenjax.config import ModelConfig
 from qwenjax.model.attention import KVCache
 from qwenjax.model.gated_deltanet import RecurrentState
+from qwenjax.model.sequence_ops import global_tail, to_context_layout
 from qwenjax.model.transformer import Cache, CausalLM, stack_plan
-from qwenjax.ops.context_layout import check_divisible, inverse_permutation, to_layout
+from qwenjax.ops.context_layout import check_divisible
 from qwenjax.sharding import constrain, context_parallel
 
 F32 = jnp.float32
@@ -145,11 +146,10 @@ def prefill_sequence_parallel(model: CausalLM, cache: Cache, input_ids, position
     check_divisible(P, n, layout)
     if S % n:
         raise ValueError(f"the cache's {S} slots do not split over context={n} devices")
-    lay = lambda x: to_layout(jnp.asarray(x), n, layout)
+    lay = lambda x: to_context_layout(jnp.asarray(x))
     h, cache = model.extend(lay(input_ids), cache, positions=lay(positions),
                             segment_ids=lay(segment_ids), fresh=True)
-    last = int(inverse_permutation(P, n, layout)[P - 1])  # slot of each row's last prompt token
-    return logits_of(model, h[:, last]), cache
+    return logits_of(model, global_tail(h, 1)[:, 0]), cache  # each row's last prompt token
 
 
 def context_multiple() -> int:

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from qwenjax.ops.attention import attention, attention_with_lse, dense_attention
-from qwenjax.ops.context_layout import inverse_permutation
+from qwenjax.ops.context_layout import from_layout, inverse_permutation, to_layout
 from qwenjax.ops.delta_rule import causal_conv, delta_rule_chunked
 from qwenjax.ops.delta_rule_parallel import (
     causal_conv_sequence_parallel,
@@ -118,3 +118,16 @@ def global_tail(x, count: int):
         return x[:, T - count:]
     mesh, layout = ctx
     return x[:, inverse_permutation(T, mesh.shape["context"], layout)[T - count:]]
+
+
+def to_context_layout(x):
+    """Token arrays [B,T,...] from global order into the current context layout (unchanged
+    without a `context` axis): what a caller holding whole sequences does before the model."""
+    ctx = context_parallel()
+    return x if ctx is None else to_layout(x, ctx[0].shape["context"], ctx[1])
+
+
+def from_context_layout(x):
+    """Inverse of `to_context_layout`."""
+    ctx = context_parallel()
+    return x if ctx is None else from_layout(x, ctx[0].shape["context"], ctx[1])
