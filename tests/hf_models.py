@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-BASE = dict(
-    vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
-    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-    rms_norm_eps=1e-6, initializer_range=0.02,
-)
-MOE = dict(num_experts=6, num_experts_per_tok=2, moe_intermediate_size=32)
+BASE = {
+    "vocab_size": 96, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 4,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128,
+    "rms_norm_eps": 1e-6, "initializer_range": 0.02,
+}
+MOE = {"num_experts": 6, "num_experts_per_tok": 2, "moe_intermediate_size": 32}
 YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32, "rope_theta": 10000.0}
 DYNAMIC = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
 LINEAR = {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}
@@ -20,9 +20,9 @@ LINEAR = {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}
 # YaRN / dynamic / linear rope, MHA and GQA, head_dim != hidden/heads.
 CASES = {
     "qwen2": [
-        ("tied-gqa", dict(tie_word_embeddings=True)),
-        ("yarn", dict(rope_parameters=YARN)),
-        ("mha-dynamic", dict(num_key_value_heads=4, rope_parameters=DYNAMIC, max_position_embeddings=48)),
+        ("tied-gqa", {"tie_word_embeddings": True}),
+        ("yarn", {"rope_parameters": YARN}),
+        ("mha-dynamic", {"num_key_value_heads": 4, "rope_parameters": DYNAMIC, "max_position_embeddings": 48}),
     ],
     "qwen2_moe": [
         ("shared-sparse2", dict(MOE, shared_expert_intermediate_size=48, decoder_sparse_step=2)),
@@ -32,10 +32,10 @@ CASES = {
                                       rope_parameters=LINEAR)),
     ],
     "qwen3": [
-        ("tied", dict(tie_word_embeddings=True, head_dim=16)),
-        ("bias-yarn", dict(attention_bias=True, head_dim=24, rope_parameters=YARN)),
-        ("mha-dynamic", dict(num_key_value_heads=4, head_dim=16, rope_parameters=DYNAMIC,
-                             max_position_embeddings=48)),
+        ("tied", {"tie_word_embeddings": True, "head_dim": 16}),
+        ("bias-yarn", {"attention_bias": True, "head_dim": 24, "rope_parameters": YARN}),
+        ("mha-dynamic", {"num_key_value_heads": 4, "head_dim": 16, "rope_parameters": DYNAMIC,
+                             "max_position_embeddings": 48}),
     ],
     "qwen3_moe": [
         ("normtopk-sparse2", dict(MOE, head_dim=16, norm_topk_prob=True, decoder_sparse_step=2)),
@@ -47,8 +47,8 @@ CASES = {
 }
 
 
-HYBRID = dict(head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8,
-              linear_value_head_dim=12, linear_conv_kernel_dim=4)
+HYBRID = {"head_dim": 16, "linear_num_key_heads": 2, "linear_num_value_heads": 4, "linear_key_head_dim": 8,
+              "linear_value_head_dim": 12, "linear_conv_kernel_dim": 4}
 HYBRID_MOE = dict(MOE, shared_expert_intermediate_size=24)
 PARTIAL = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}
 MIXED = ["linear_attention", "full_attention", "linear_attention", "full_attention"]

@@ -35,7 +35,7 @@ def _packed_layout(B, T):
 def test_blockwise_matches_dense(causal, H, K, T, block):
     q, k, v, w = _inputs(2, T, H, K, 16)
     pos, seg = _packed_layout(2, T)
-    kw = dict(q_pos=pos, kv_pos=pos, q_seg=seg, kv_seg=seg, causal=causal)
+    kw = {"q_pos": pos, "kv_pos": pos, "q_seg": seg, "kv_seg": seg, "causal": causal}
 
     def blockwise(q, k, v):
         return attention(q, k, v, block_q=block, block_kv=block // 2 + 3, **kw)
@@ -70,7 +70,7 @@ def test_bf16_inputs_keep_fp32_softmax():
     q, k, v, _ = _inputs(1, 96, 4, 2, 32)
     pos = jnp.arange(96)[None]
     seg = jnp.ones((1, 96), jnp.int32)
-    kw = dict(q_pos=pos, kv_pos=pos, q_seg=seg, kv_seg=seg)
+    kw = {"q_pos": pos, "kv_pos": pos, "q_seg": seg, "kv_seg": seg}
     ref = dense_attention(q, k, v, **kw)
     bf = attention(*(x.astype(jnp.bfloat16) for x in (q, k, v)), block_q=32, block_kv=32, **kw)
     assert bf.dtype == jnp.bfloat16

@@ -39,7 +39,7 @@ def test_bf16_logits_close_to_transformers_fp32(tmp_path, family):
     # Briefly trained so predictions are confident (random models have near-tied logits), and
     # for MoE top-4 of 16 experts: with top-2 of 6, one bf16 routing flip swaps half a token's
     # MoE output, which moves mean KL past 1e-3 for transformers' own bf16 run too.
-    name, over = hf_models.CASES[family][0]
+    _name, over = hf_models.CASES[family][0]
     if "num_experts" in over:
         over = dict(over, num_experts=16, num_experts_per_tok=4, moe_intermediate_size=16)
     hf = hf_models.train_briefly(hf_models.build(family, over))

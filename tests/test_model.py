@@ -30,7 +30,7 @@ def test_remat_modes_give_identical_loss_and_grads():
 
 @pytest.mark.parametrize("family", ["qwen2_moe", "qwen3_moe"])
 def test_router_aux_loss_matches_transformers(tmp_path, family):
-    name, over = hf_models.CASES[family][0]
+    _name, over = hf_models.CASES[family][0]
     hf = hf_models.build(family, over)
     model = qwenjax.from_pretrained(hf_models.save(hf, tmp_path / "hf"))
     ids, mask = hf_models.batch(hf.config.vocab_size, 2, 31, left_pad=4)

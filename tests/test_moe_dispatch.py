@@ -23,7 +23,7 @@ def _experts(E=6, D=16, F=24, seed=0):
 def test_route_matches_transformers_semantics():
     logits = jax.random.normal(jax.random.key(1), (50, 6))
     for norm in (False, True):
-        w, idx, probs = route(logits, 2, norm)
+        w, idx, _probs = route(logits, 2, norm)
         p = np.asarray(jax.nn.softmax(logits, -1))
         top = np.argsort(-p, axis=-1)[:, :2]
         np.testing.assert_array_equal(np.asarray(idx), top)

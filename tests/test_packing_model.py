@@ -11,7 +11,7 @@ import qwenjax
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "qwen3_5_moe_text"])
 def test_packed_row_equals_documents_run_separately(tmp_path, family):
-    name, over = hf_models.CASES[family][0]
+    _name, over = hf_models.CASES[family][0]
     model = qwenjax.from_pretrained(hf_models.save(hf_models.build(family, over), tmp_path / "hf"))
     V = model.config.vocab_size
     lengths = [23, 1, 40, 66]  # document edges inside and across delta-rule chunks (64)

@@ -65,7 +65,7 @@ def test_fused_expert_checkpoint_equals_per_expert(tmp_path):
         p = f"model.layers.{layer}.mlp.experts."
         if f"{p}0.gate_proj.weight" not in infos:
             continue
-        get = lambda e, w: read_tensor(infos[f"{p}{e}.{w}.weight"])
+        get = lambda e, w, p=p: read_tensor(infos[f"{p}{e}.{w}.weight"])
         tensors[p + "gate_up_proj"] = np.stack(
             [np.concatenate([get(e, "gate_proj"), get(e, "up_proj")]) for e in range(E)]
         )
@@ -93,7 +93,7 @@ def test_multimodal_hub_layout_with_fused_experts_and_carried_tensors(tmp_path):
     from qwenjax.hf.safetensors_io import PlannedTensor, write_shard
     from qwenjax.train.checkpoint import load_params, save_params
 
-    name, over = hf_models.CASES["qwen3_5_moe_text"][0]
+    _name, over = hf_models.CASES["qwen3_5_moe_text"][0]
     hf = hf_models.build("qwen3_5_moe_text", over)
     flat = hf_models.save(hf, tmp_path / "flat")
     infos = index_checkpoint(flat)
@@ -105,7 +105,7 @@ def test_multimodal_hub_layout_with_fused_experts_and_carried_tensors(tmp_path):
         tensors[n.replace("model.", "model.language_model.", 1) if n.startswith("model.") else n] = read_tensor(i)
     for layer in range(hf.config.num_hidden_layers):
         p = f"model.layers.{layer}.mlp.experts."
-        get = lambda e, w: read_tensor(infos[f"{p}{e}.{w}.weight"])
+        get = lambda e, w, p=p: read_tensor(infos[f"{p}{e}.{w}.weight"])
         q = f"model.language_model.layers.{layer}.mlp.experts."
         tensors[q + "gate_up_proj"] = np.stack(
             [np.concatenate([get(e, "gate_proj"), get(e, "up_proj")]) for e in range(E)])

@@ -29,7 +29,7 @@ def _train(run_dir, *sets, wait=True):
         cmd += ["--set", s]
     if not wait:
         return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    return subprocess.run(cmd, capture_output=True, text=True)
+    return subprocess.run(cmd, check=False, capture_output=True, text=True)
 
 
 def _losses(run_dir):
@@ -183,7 +183,7 @@ def test_grad_accumulation_equals_one_big_batch():
     results = []
     for accum in (1, 4):
         state = init_train_state(jax.tree.map(jnp.copy, params), tx)
-        micro = jax.tree.map(lambda x: x.reshape(accum, 8 // accum, *x.shape[1:]), batch)
+        micro = jax.tree.map(lambda x, accum=accum: x.reshape(accum, 8 // accum, *x.shape[1:]), batch)
         step = make_train_step(graphdef, tx, aux_weight=0.0, z_weight=0.0)
         new, metrics = step(state, micro)
         results.append((new, metrics))
@@ -275,7 +275,7 @@ def test_sigterm_saves_a_checkpoint_the_next_run_resumes(tmp_path):
     ):
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=120)
+    _out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-2000:]
     saved = int(err.split("saved step ")[1].split(",")[0])
     assert (run / "checkpoints" / str(saved)).exists()
@@ -286,10 +286,10 @@ def test_sigterm_saves_a_checkpoint_the_next_run_resumes(tmp_path):
 def test_launch_tpu_dry_run_and_mesh_check():
     tool = [sys.executable, str(ROOT / "tools" / "launch_tpu.py"), str(ROOT / "experiments" / "main.yaml"),
             "--name", "qj", "--zone", "us-east5-a", "--project", "p", "--run-dir", "gs://b/r", "--dry-run"]
-    r = subprocess.run(tool + ["--tpu", "v5p-16"], capture_output=True, text=True)
+    r = subprocess.run(tool + ["--tpu", "v5p-16"], check=False, capture_output=True, text=True)
     lines = r.stdout.strip().splitlines()
     assert r.returncode == 0 and len(lines) == 4
     assert "tpu-vm create qj --accelerator-type v5p-16" in lines[0]
     assert "--worker=all" in lines[3] and "qwenjax train experiments/main.yaml --distributed" in lines[3]
-    r = subprocess.run(tool + ["--tpu", "v6e-4"], capture_output=True, text=True)
+    r = subprocess.run(tool + ["--tpu", "v6e-4"], check=False, capture_output=True, text=True)
     assert r.returncode == 2 and "has 8 devices but v6e-4 has 4 chips" in r.stderr

@@ -79,7 +79,7 @@ def load_params(
     try:
         with ocp.StandardCheckpointer() as ckptr:
             restored = ckptr.restore(path, target)
-    except Exception as e:  # orbax raises many kinds for a damaged directory
+    except Exception as e:  # noqa: BLE001 - orbax raises many kinds for a damaged directory
         raise CheckpointError(f"{path}: cannot restore parameters ({type(e).__name__}: {e})") from None
     nnx.replace_by_pure_dict(state, restored)
     model = nnx.merge(graphdef, state)

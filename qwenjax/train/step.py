@@ -112,5 +112,6 @@ def make_train_step(
 
     shardings = {}
     if state_sharding is not None:
-        shardings = dict(in_shardings=(state_sharding, batch_sharding), out_shardings=(state_sharding, None))
+        shardings = {"in_shardings": (state_sharding, batch_sharding),
+                     "out_shardings": (state_sharding, None)}
     return jax.jit(step, donate_argnums=0, **shardings)
