@@ -172,6 +172,12 @@ def context_parallel():
     return mesh, _LAYOUT.get()
 
 
+def context_size() -> int:
+    """How many devices the current mesh splits sequences over (1 without a `context` axis)."""
+    ctx = context_parallel()
+    return 1 if ctx is None else ctx[0].shape["context"]
+
+
 def mesh_axes(logical: str, size: int) -> tuple[str, ...]:
     """The current mesh's axes (size > 1) that shard a dimension of `size` named `logical`."""
     mesh = current_mesh()

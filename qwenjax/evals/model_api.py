@@ -28,7 +28,7 @@ from qwenjax.infer.cache import context_multiple
 from qwenjax.infer.generate import generate
 from qwenjax.model.sequence_ops import from_context_layout, to_context_layout
 from qwenjax.model.transformer import CausalLM
-from qwenjax.sharding import activate, context_parallel
+from qwenjax.sharding import activate, context_size
 
 
 @runtime_checkable
@@ -71,8 +71,7 @@ class QwenJaxModel:
     def logprobs(self, sequences: list[list[int]]) -> list[np.ndarray]:
         with self._scope():
             multiple = context_multiple()  # 1, or what the context layout divides into
-            ctx = context_parallel()
-            shards = 1 if ctx is None else ctx[0].shape["context"]
+            shards = context_size()
             longest = -(-max(len(s) for s in sequences) // multiple) * multiple
             chunk = min(self.chunk, longest // shards)
             unit = math.lcm(multiple, shards * chunk)  # whole chunks on every context shard
@@ -110,8 +109,7 @@ def _token_logprobs(graphdef, params, ids, mask, chunk: int):
     B, T = ids.shape
     positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     targets = jnp.concatenate([ids[:, 1:], jnp.zeros((B, 1), ids.dtype)], axis=1)
-    ctx = context_parallel()
-    shards = 1 if ctx is None else ctx[0].shape["context"]
+    shards = context_size()
     lay = to_context_layout
     h, _ = model.hidden_states(lay(ids), positions=lay(positions), attention_mask=lay(mask))
     w = model.head_kernel().astype(h.dtype)  # [D,V]

@@ -31,7 +31,7 @@ from qwenjax.model.attention import KVCache
 from qwenjax.model.gated_deltanet import RecurrentState
 from qwenjax.model.sequence_ops import global_tail, to_context_layout
 from qwenjax.model.transformer import Cache, CausalLM, stack_plan
-from qwenjax.ops.context_layout import check_divisible
+from qwenjax.ops.context_layout import check_divisible, layout_unit
 from qwenjax.sharding import constrain, context_parallel
 
 F32 = jnp.float32
@@ -156,11 +156,7 @@ def context_multiple() -> int:
     """What prompt lengths must be a multiple of for `prefill` under the current mesh (1 without
     a `context` axis; 2n for the zigzag layout over n context devices)."""
     ctx = context_parallel()
-    if ctx is None:
-        return 1
-    mesh, layout = ctx
-    n = mesh.shape["context"]
-    return 2 * n if layout == "zigzag" else n
+    return 1 if ctx is None else layout_unit(ctx[0].shape["context"], ctx[1])
 
 
 def decode_step(model: CausalLM, cache: Cache, tokens, positions):

@@ -205,7 +205,8 @@ def _layout(prompts: Sequence[Sequence[int]], prefill_chunk: int, multiple: int 
         raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
     longest = max(len(p) for p in prompts)
     if multiple > 1:  # sequence-parallel prefill: one pass, no chunks
-        P = -(-longest // math.lcm(_ROUND, multiple)) * math.lcm(_ROUND, multiple)
+        unit = math.lcm(_ROUND, multiple)
+        P = -(-longest // unit) * unit
         return (*left_pad(prompts, P), P)
     chunk = min(prefill_chunk, -(-longest // _ROUND) * _ROUND)
     ids, positions, segs = left_pad(prompts, -(-longest // chunk) * chunk)

@@ -21,11 +21,16 @@ import numpy as np
 LAYOUTS = ("contiguous", "zigzag", "striped")
 
 
-def check_divisible(T: int, n: int, layout: str) -> None:
-    """Raise ValueError unless T tokens split evenly over n devices in `layout`."""
+def layout_unit(n: int, layout: str) -> int:
+    """What sequence lengths must be a multiple of to split over n devices in `layout`."""
     if layout not in LAYOUTS:
         raise ValueError(f"unknown context layout {layout!r}; expected one of {LAYOUTS}")
-    unit = 2 * n if layout == "zigzag" else n
+    return 2 * n if layout == "zigzag" else n
+
+
+def check_divisible(T: int, n: int, layout: str) -> None:
+    """Raise ValueError unless T tokens split evenly over n devices in `layout`."""
+    unit = layout_unit(n, layout)
     if T % unit:
         raise ValueError(
             f"sequence length {T} is not divisible by {unit} "
