@@ -318,6 +318,14 @@ _FAMILIES: dict[str, dict[str, Any]] = {
 _LINEAR_KEYS = ("linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim",
                 "linear_value_head_dim", "linear_conv_kernel_dim")
 _BIAS_DEFAULT = {"qkv_bias": True, "attention_bias": False}
+# Numeric HF keys we read; a wrong type there would otherwise fail deep inside arithmetic.
+_HF_INTS = (
+    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+    "head_dim", "intermediate_size", "max_position_embeddings", "num_experts", "num_local_experts",
+    "num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size",
+    "decoder_sparse_step", "full_attention_interval", *_LINEAR_KEYS,
+)
+_HF_FLOATS = ("rms_norm_eps", "rope_theta", "router_aux_loss_coef")
 
 # HF keys fully described by ModelConfig fields (or recomputed on export); not carried in hf_extra.
 _CONSUMED = {
@@ -332,6 +340,15 @@ _CONSUMED = {
 }
 
 
+def _check_hf_numbers(hf: dict[str, Any]) -> None:
+    for key in _HF_INTS + _HF_FLOATS:
+        value = hf.get(key)
+        want = int if key in _HF_INTS else (int, float)
+        if value is not None and (not isinstance(value, want) or isinstance(value, bool)):
+            kind = "an integer" if key in _HF_INTS else "a number"
+            raise ConfigError(f"config.json: {key} must be {kind}, got {value!r}")
+
+
 def _hf_rope(hf: dict[str, Any]) -> RopeConfig:
     params = dict(hf.get("rope_parameters") or {})
     legacy = hf.get("rope_scaling") or {}
@@ -340,6 +357,8 @@ def _hf_rope(hf: dict[str, Any]) -> RopeConfig:
         params["rope_type"] = params.pop("type")
     params.pop("type", None)
     theta = params.pop("rope_theta", hf.get("rope_theta", 10000.0))
+    if not isinstance(theta, (int, float)) or isinstance(theta, bool):
+        raise ConfigError(f"config.json: rope_theta must be a number, got {theta!r}")
     rope_type = params.pop("rope_type", "default")
     known = {f.name for f in dataclasses.fields(RopeConfig)}
     unknown = sorted(set(params) - known)
@@ -382,6 +401,7 @@ def _from_hf(hf: dict[str, Any]) -> ModelConfig:
                if k not in hf]
     if missing:
         raise ConfigError(f"config.json: missing keys {missing}")
+    _check_hf_numbers(hf)
 
     def feature(name: str) -> bool:
         spec = fam[name]

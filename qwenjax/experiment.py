@@ -33,6 +33,11 @@ class MeshConfig:
     context_layout: str = "zigzag"
     rules: dict[str, Any] = field(default_factory=dict)  # logical axis -> mesh axes overrides
 
+    def __post_init__(self):
+        for axis, size in self.shape().items():
+            if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+                raise ConfigError(f"mesh.{axis} must be an integer >= 1, got {size!r}")
+
     def shape(self) -> dict[str, int]:
         return {a: getattr(self, a) for a in ("data", "fsdp", "expert", "tensor", "context")}
 
@@ -61,6 +66,8 @@ class DataConfig:
             raise ConfigError(f"data.paths is required for data.source={self.source}")
         if self.seq_len < 2:
             raise ConfigError("data.seq_len must be >= 2")
+        if self.max_docs < 0:
+            raise ConfigError(f"data.max_docs must be >= 0 (0 = all), got {self.max_docs}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -77,6 +84,8 @@ class TokenizerConfig:
             raise ConfigError(f"tokenizer.kind {self.kind!r} is not one of bpe, hf, sentencepiece")
         if self.kind != "bpe" and not self.path:
             raise ConfigError(f"tokenizer.path is required for tokenizer.kind={self.kind}")
+        if self.train_docs < 1:
+            raise ConfigError(f"tokenizer.train_docs must be >= 1, got {self.train_docs}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -104,6 +113,13 @@ class CheckpointConfig:
     every: int = 100  # steps between saves (and one at the end)
     keep: int = 3
     async_save: bool = True
+
+    def __post_init__(self):
+        # keep=0 would let no checkpoint survive; every=0 has no schedule.
+        if self.every < 1 or self.keep < 1:
+            raise ConfigError(
+                f"checkpoint.every and checkpoint.keep must be >= 1, got {self.every} and {self.keep}"
+            )
 
 
 EVAL_TASKS = ("passkey", "niah_single", "niah_multikey", "variable_tracking", "common_words",
@@ -174,6 +190,15 @@ class ExperimentConfig:
             raise ConfigError(f"remat {self.remat!r} is not one of {REMAT_MODES}")
         if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
             raise ConfigError("steps, batch_size and grad_accum must be >= 1")
+        if self.log_every < 1 or self.max_bad_steps < 1:
+            raise ConfigError(
+                f"log_every and max_bad_steps must be >= 1, got {self.log_every} and "
+                f"{self.max_bad_steps}"
+            )
+        if self.sample_tokens < 0:
+            raise ConfigError(
+                f"sample_tokens must be >= 0 (0 = no sample), got {self.sample_tokens}"
+            )
         if self.batch_size % self.grad_accum:
             raise ConfigError(
                 f"batch_size {self.batch_size} is not divisible by grad_accum {self.grad_accum}"
