@@ -8,7 +8,9 @@ from qwenjax.errors import (
     CheckpointError,
     ConfigError,
     ConversionError,
+    GenerationError,
     MeshError,
+    OutputError,
     QwenJaxError,
 )
 from qwenjax.hf.convert import from_pretrained, save_pretrained
@@ -17,7 +19,8 @@ from qwenjax.model.transformer import CausalLM, init_model, parameter_counts
 from qwenjax.sharding import make_mesh
 
 __all__ = [
-    "CausalLM", "CheckpointError", "ConfigError", "ConversionError", "MeshError", "ModelConfig",
+    "CausalLM", "CheckpointError", "ConfigError", "ConversionError", "GenerationError", "MeshError",
+    "ModelConfig", "OutputError",
     "QwenJaxError", "RopeConfig", "from_pretrained", "generate", "init_model", "load_preset", "make_mesh",
     "parameter_counts", "save_pretrained",
 ]

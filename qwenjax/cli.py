@@ -6,7 +6,10 @@
     qwenjax eval EXPERIMENT.yaml [--set ...] [--run-dir DIR] [--out DIR]   long-context eval
     qwenjax generate (--hf DIR | --checkpoint DIR) --prompt TEXT [--chat] [--mesh context=8] [...]
 
-Bad input (a QwenJaxError) prints one line `qwenjax: error: ...` and exits with status 2.
+Bad input (a QwenJaxError) prints one line `qwenjax: error: ...` and exits with status 2; any
+other exception is a bug and keeps its traceback (status 1). Outputs are written by
+`qwenjax.atomic.output_dir`: a non-empty target that is not a previous output of the same kind
+is refused unless `--overwrite`, and every check on the command line runs before the work.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ def cmd_train(args) -> None:
 
     exp = load_experiment(args.experiment, args.set or [])
     run_dir = args.run_dir or f"runs/{Path(args.experiment).stem}"
-    summary = train(exp, run_dir)
+    summary = train(exp, run_dir, overwrite_export=args.overwrite)
     print(json.dumps(summary))
 
 
@@ -50,45 +53,60 @@ def cmd_eval(args) -> None:
 
     exp = load_experiment(args.experiment, args.set or [])
     run_dir = args.run_dir or f"runs/{Path(args.experiment).stem}"
-    print(json.dumps(run_experiment(exp, run_dir, args.out)))
+    print(json.dumps(run_experiment(exp, run_dir, args.out, overwrite=args.overwrite)))
 
 
 def cmd_import_hf(args) -> None:
+    from qwenjax.atomic import check_output
     from qwenjax.hf.convert import from_pretrained
     from qwenjax.train.checkpoint import save_params
 
     t0 = time.time()
+    mesh = _mesh_arg(args.mesh)
+    check_output(args.ckpt_dir, "params", overwrite=args.overwrite, inputs=[args.hf_dir])
     model = from_pretrained(
-        args.hf_dir, dtype=args.dtype, param_dtype=args.param_dtype, mesh=_mesh_arg(args.mesh),
-        progress=True,
+        args.hf_dir, dtype=args.dtype, param_dtype=args.param_dtype, mesh=mesh, progress=True,
     )
     print(f"loaded {args.hf_dir} in {time.time() - t0:.1f}s; writing {args.ckpt_dir}", file=sys.stderr)
-    save_params(model, args.ckpt_dir)
+    save_params(model, args.ckpt_dir, overwrite=args.overwrite, inputs=[args.hf_dir])
     print(f"wrote {args.ckpt_dir} ({time.time() - t0:.1f}s)", file=sys.stderr)
 
 
 def cmd_export_hf(args) -> None:
-    from qwenjax.hf.convert import save_pretrained
-    from qwenjax.train.checkpoint import load_params
+    from qwenjax.atomic import check_output
+    from qwenjax.hf.convert import export_dtype, parse_size, save_pretrained
+    from qwenjax.train.checkpoint import load_params, read_model_config
 
     t0 = time.time()
-    model = load_params(args.ckpt_dir, mesh=_mesh_arg(args.mesh))
+    mesh = _mesh_arg(args.mesh)
+    export_dtype(read_model_config(args.ckpt_dir), args.dtype)  # bad values fail before loading
+    parse_size(args.max_shard_size)
+    check_output(args.hf_dir, "hf-model", overwrite=args.overwrite, inputs=[args.ckpt_dir])
+    model = load_params(args.ckpt_dir, mesh=mesh)
     save_pretrained(
-        model, args.hf_dir, dtype=args.dtype, max_shard_size=args.max_shard_size, progress=True
+        model, args.hf_dir, dtype=args.dtype, max_shard_size=args.max_shard_size, progress=True,
+        overwrite=args.overwrite, inputs=[args.ckpt_dir],
     )
     print(f"wrote {args.hf_dir} ({time.time() - t0:.1f}s)", file=sys.stderr)
 
 
 def cmd_generate(args) -> None:
-    from qwenjax.errors import ConfigError
+    from qwenjax.errors import ConfigError, GenerationError
     from qwenjax.infer.generate import (
         chat_prompt,
         default_stop_tokens,
         generate_stream,
         load_for_inference,
     )
+    from qwenjax.infer.sampling import Sampling
     from qwenjax.sharding import activate
 
+    # Every argument is checked before the model is loaded.
+    Sampling(args.temperature, args.top_k, args.top_p).check()
+    if args.max_new_tokens < 0:
+        raise GenerationError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    if not args.prompt and not args.chat:
+        raise GenerationError("--prompt is empty; give at least one character")
     mesh = _mesh_arg(args.mesh)
     model, tokenizer = load_for_inference(args.hf, args.checkpoint, dtype=args.dtype, mesh=mesh)
     if tokenizer is None:
@@ -98,6 +116,8 @@ def cmd_generate(args) -> None:
         ids = chat_prompt(tokenizer, messages + [{"role": "user", "content": args.prompt}])
     else:
         ids = tokenizer.encode(args.prompt)
+    if not ids:
+        raise GenerationError(f"--prompt {args.prompt!r} encodes to no tokens")
     stream = generate_stream(
         model, ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
         top_k=args.top_k, top_p=args.top_p, stop_tokens=default_stop_tokens(model, tokenizer),
@@ -118,6 +138,10 @@ def cmd_generate(args) -> None:
     print(tokenizer.decode(new)[len(shown):], flush=True)
 
 
+_OVERWRITE = ("replace an output path that is not a previous output of the same kind (a "
+              "non-empty directory or a file); without it such a path is refused")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qwenjax", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -131,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--coordinator", help="HOST:PORT of process 0 (off TPU, e.g. 127.0.0.1:4321)")
     p.add_argument("--num-processes", type=int)
     p.add_argument("--process-id", type=int)
+    p.add_argument("--overwrite", action="store_true",
+                   help="the run's hf/ export may replace a directory that is not a qwenjax export")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="long-context eval (passkey, NIAH, RULER-style, perplexity)")
@@ -138,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="e.g. eval.lengths=[4096]")
     p.add_argument("--run-dir", help="the run whose model to evaluate (default runs/NAME)")
     p.add_argument("--out", help="output directory (default eval.output_dir or RUN_DIR/eval)")
+    p.add_argument("--overwrite", action="store_true", help=_OVERWRITE)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("generate", help="sample from a model, streaming tokens as they come")
@@ -162,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", help="compute dtype recorded with the model")
     p.add_argument("--param-dtype", default="float32")
     p.add_argument("--mesh", help="load sharded, e.g. fsdp=2,expert=4 (default: one device)")
+    p.add_argument("--overwrite", action="store_true", help=_OVERWRITE)
     p.set_defaults(func=cmd_import_hf)
 
     p = sub.add_parser("export-hf", help="Orbax parameter checkpoint -> Hugging Face directory")
@@ -170,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, help="dtype to write (default: the source's)")
     p.add_argument("--max-shard-size", default="5GB")
     p.add_argument("--mesh", help="restore sharded, e.g. fsdp=8")
+    p.add_argument("--overwrite", action="store_true", help=_OVERWRITE)
     p.set_defaults(func=cmd_export_hf)
     return parser
 

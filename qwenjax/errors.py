@@ -24,3 +24,13 @@ class ConversionError(QwenJaxError):
 
 class CheckpointError(QwenJaxError):
     """An Orbax checkpoint directory is missing, incomplete or unreadable."""
+
+
+class OutputError(QwenJaxError):
+    """An output path cannot be written as asked: not empty and not a previous output of the
+    same kind, its own input, a file, or an unwritable place (see `qwenjax.atomic`)."""
+
+
+class GenerationError(QwenJaxError, ValueError):
+    """Bad arguments to generation: sampling settings, prompts, token ids. Also a ValueError,
+    which is what these were before they had a kind of their own."""

@@ -59,9 +59,11 @@ def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = N
     unknown = sorted(set(shape) - set(MESH_AXES))
     if unknown:
         raise MeshError(f"unknown mesh axes {unknown}; valid axes are {list(MESH_AXES)}")
-    sizes = [int(shape.get(a, 1)) for a in MESH_AXES]
-    if any(s < 1 for s in sizes):
-        raise MeshError(f"mesh axis sizes must be >= 1, got {dict(shape)}")
+    sizes = [shape.get(a, 1) for a in MESH_AXES]
+    # 8.9 must not become 8 devices: integers only (NumPy's too), never bools.
+    if any(not isinstance(s, (int, np.integer)) or isinstance(s, bool) or s < 1 for s in sizes):
+        raise MeshError(f"mesh axis sizes must be integers >= 1, got {dict(shape)}")
+    sizes = [int(s) for s in sizes]
     devices = list(devices if devices is not None else jax.devices())
     if math.prod(sizes) != len(devices):
         named = " x ".join(f"{a}={s}" for a, s in zip(MESH_AXES, sizes) if s > 1) or "all 1"

@@ -83,7 +83,9 @@ def test_cli_bad_checkpoint_exits_2_with_one_line_and_writes_nothing(good_dir, t
     existing = tmp_path / "ckpt"
     existing.mkdir()
     (existing / "keep.txt").write_text("precious")
-    r = _cli("import-hf", str(bad), str(existing))
+    # --overwrite: the non-empty target would be refused first; the bad source must still fail
+    # before anything there changes.
+    r = _cli("import-hf", str(bad), str(existing), "--overwrite")
     assert r.returncode == 2
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "missing tensors: model.embed_tokens.weight" in lines[0], r.stderr

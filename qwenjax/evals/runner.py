@@ -3,8 +3,9 @@
 `run(model, tokenizer, cfg, out_dir)` is the harness (any `EvalModel`: tests pass scripted
 ones); `run_experiment(exp, run_dir)` is `qwenjax eval`: it loads the experiment's model first.
 Prompts of one length are generated together in batches of `eval.batch_size`, the last batch
-padded with repeats so each length compiles once. The output directory is written atomically:
-a failed run leaves the previous results in place.
+padded with repeats so each length compiles once. The output directory goes through
+`qwenjax.atomic.output_dir` (kind "eval-report"): a failed run leaves the previous results in
+place, a directory that is not an eval report is refused unless `overwrite`.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from qwenjax.atomic import atomic_dir
+from qwenjax.atomic import check_output, output_dir
 from qwenjax.data.tokenizer import Tokenizer
 from qwenjax.evals import needle, ruler
 from qwenjax.evals.filler import SentenceSource
@@ -84,8 +85,11 @@ def run(
     *,
     name: str = "model",
     log: Callable[[str], None] = lambda m: print(m, file=sys.stderr),
+    overwrite: bool = False,
+    inputs: list[str | Path] = (),
 ) -> dict[str, Any]:
     """Run `cfg.tasks` on `model`; write results.json, results.md and PNGs to `out_dir`."""
+    check_output(out_dir, "eval-report", overwrite=overwrite, inputs=inputs)  # before the work
     t0 = time.time()
     ctx = TaskContext(tokenizer, SentenceSource(tokenizer, cfg.filler), num_keys=cfg.num_keys)
     results: dict[str, Any] = {
@@ -140,7 +144,7 @@ def run(
         log(f"eval perplexity done ({time.time() - t0:.0f}s)")
     results["elapsed_s"] = time.time() - t0
     results = _finite(results)
-    with atomic_dir(out_dir) as tmp:
+    with output_dir(out_dir, "eval-report", overwrite=overwrite, inputs=inputs) as tmp:
         results["files"] = write_all(results, tmp)
     return results
 
@@ -157,20 +161,23 @@ def _finite(x):
 
 
 def run_experiment(
-    exp: ExperimentConfig, run_dir: str | Path, out_dir: str | Path | None = None
+    exp: ExperimentConfig, run_dir: str | Path, out_dir: str | Path | None = None, *,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """`qwenjax eval`: load the experiment's model (see `loading`) and run its eval section."""
     from qwenjax.evals.loading import eval_mesh, load
     from qwenjax.evals.model_api import QwenJaxModel
     from qwenjax.sharding import check_rules
 
-    model, tokenizer, src = load(exp, run_dir)
     out = Path(out_dir or exp.eval.output_dir or Path(run_dir) / "eval")
+    check_output(out, "eval-report", overwrite=overwrite)  # before loading a model for nothing
+    model, tokenizer, src = load(exp, run_dir)
     # Under the experiment's mesh: with `context` > 1, prefill and scoring are sequence-parallel.
     evaluated = QwenJaxModel(model, stop_tokens=[tokenizer.eos_id], mesh=eval_mesh(exp),
                              rules=check_rules(exp.mesh.rules),
                              context_layout=exp.mesh.context_layout)
-    results = run(evaluated, tokenizer, exp.eval, out, name=str(src))
+    results = run(evaluated, tokenizer, exp.eval, out, name=str(src), overwrite=overwrite,
+                  inputs=[src])
     return {
         "output_dir": str(out),
         "files": results["files"],

@@ -8,7 +8,9 @@ most two copies of one tensor. Every name and shape is checked against the table
 first byte of tensor data is read, so a bad checkpoint fails fast with every bad tensor named.
 
 Export: each HF tensor is gathered from its parameter slice, laid out for HF (experts fused or
-per-expert, as the imported source had them) and written to a safetensors shard in a temporary directory beside the target, renamed into place at the end.
+per-expert, as the imported source had them) and written to a safetensors shard in a temporary
+directory beside the target, renamed into place at the end (`qwenjax.atomic.output_dir`, kind
+"hf-model": a non-empty directory that is not a previous export is refused unless `overwrite`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import json
 import os
 import re
 import sys
+from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
 
@@ -27,11 +30,12 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from qwenjax.atomic import atomic_dir
+from qwenjax.atomic import output_dir
 from qwenjax.config import FUSED_EXPERTS_KEY, WRAPPER_KEY, ModelConfig
 from qwenjax.errors import ConfigError, ConversionError
 from qwenjax.hf.names import TensorMap, passthrough_prefixes, tensor_table, uses_fused_experts
 from qwenjax.hf.safetensors_io import (
+    DTYPE_NAMES,
     PlannedTensor,
     TensorInfo,
     index_checkpoint,
@@ -76,7 +80,14 @@ def check_tensors(
         for n, t in expected.items()
         if n in infos and infos[n].shape != t.hf_shape
     ]
+    floats = {"F64", "F32", "F16", "BF16"}
+    wrong_dtype = [
+        f"{n} {DTYPE_NAMES[infos[n].dtype]}" for n in expected
+        if n in infos and DTYPE_NAMES[infos[n].dtype] not in floats
+    ]
     problems = []
+    if wrong_dtype:  # an integer tensor would be cast to float silently
+        problems.append(f"tensors not floating point: {', '.join(wrong_dtype)}")
     if missing:
         problems.append(f"missing tensors: {', '.join(missing)}")
     if unexpected:
@@ -197,14 +208,22 @@ def save_pretrained(
     max_shard_size: int | str = "5GB",
     progress: bool = False,
     generation: dict | None = None,
+    tokenizer=None,
+    overwrite: bool = False,
+    inputs: Sequence[str | os.PathLike] = (),
 ) -> Path:
     """Write `model` as a Hugging Face directory that `transformers` loads (Hub tensor names).
 
     `generation` (token ids: eos/bos/pad) goes into generation_config.json and config.json; by
-    default the ids carried from the imported checkpoint are used, if any.
+    default the ids carried from the imported checkpoint are used, if any. `tokenizer` (a
+    qwenjax tokenizer) writes its files into the same directory. The directory is written as
+    `qwenjax.atomic.output_dir` says: files a user added to a previous export survive, anything
+    else non-empty is refused unless `overwrite`; `inputs` (the checkpoint read, say) and the
+    files of carried tensors may not be or contain the output.
     """
     cfg = model.config
     out_dir = Path(out_dir)
+    carried_dirs = {str(Path(i.file).parent) for i in getattr(model, "hf_passthrough", ())}
     name = export_dtype(cfg, dtype)
     np_dtype = NP_DTYPES[name]
     table = tensor_table(cfg, fused_experts=bool(cfg.extra.get(FUSED_EXPERTS_KEY)))
@@ -224,7 +243,8 @@ def save_pretrained(
             slices = [np.asarray(params[t.param][t.index]) for t in entry.targets]
             yield entry.to_hf(*slices)
 
-    with atomic_dir(out_dir) as tmp:
+    with output_dir(out_dir, "hf-model", overwrite=overwrite,
+                    inputs=[*inputs, *sorted(carried_dirs)]) as tmp:
         names = (
             ["model.safetensors"] if len(shards) == 1
             else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
@@ -250,6 +270,8 @@ def save_pretrained(
         if ids:
             gen = {"_from_model_config": True, **ids}
             (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2, sort_keys=True))
+        if tokenizer is not None:
+            tokenizer.save(tmp)
     return out_dir
 
 

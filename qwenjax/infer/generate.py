@@ -32,7 +32,7 @@ from flax import nnx
 
 from qwenjax.config import WRAPPER_KEY
 from qwenjax.data.tokenizer import HFTokenizer, load_tokenizer
-from qwenjax.errors import ConfigError
+from qwenjax.errors import ConfigError, GenerationError
 from qwenjax.infer.cache import context_multiple, decode_step, init_cache, left_pad, prefill
 from qwenjax.infer.sampling import Sampling, sample
 from qwenjax.model.transformer import Cache, CausalLM
@@ -64,9 +64,10 @@ def generate(
     is prefilled in one sequence-parallel pass (`cache.prefill_sequence_parallel`) and the KV
     cache is split along its slots over `context` (see `model/sequence_ops.cached_attention`).
     """
-    if max_new_tokens < 1:
-        return [[] for _ in prompts]
     sampling = Sampling(temperature, top_k, top_p).check()
+    check_prompts(prompts, model.config.vocab_size, max_new_tokens)
+    if max_new_tokens == 0:
+        return [[] for _ in prompts]
     stops = _stop_array(stop_tokens, len(prompts))
     with activate(mesh) if mesh is not None else contextlib.nullcontext():
         graphdef, params, key, segs, first, cache = _start(
@@ -105,6 +106,9 @@ def generate_stream(
     """Yield the new token ids of one prompt as they are decoded (a stop token ends the stream
     and is not yielded). Same tokens as `generate([prompt], ...)[0]` for the same settings."""
     sampling = Sampling(temperature, top_k, top_p).check()
+    check_prompts([prompt], model.config.vocab_size, max_new_tokens)
+    if max_new_tokens == 0:
+        return
     stops = {int(t) for t in stop_tokens}
     settings, greedy = sampling.arrays(), sampling.greedy
     graphdef, params, key, _, token, cache = _start(
@@ -129,6 +133,31 @@ def generate_stream(
             greedy=greedy,
         )
         position += 1
+
+
+def check_prompts(prompts, vocab_size: int, max_new_tokens: int) -> None:
+    """GenerationError unless every prompt is a non-empty sequence of token ids in
+    [0, vocab_size) and max_new_tokens is an integer >= 0. (An id outside the vocabulary would
+    otherwise read a clamped embedding row without a word.)"""
+    if not isinstance(max_new_tokens, (int, np.integer)) or isinstance(max_new_tokens, bool) or (
+        max_new_tokens < 0
+    ):
+        raise GenerationError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    if isinstance(prompts, (str, bytes)) or not len(prompts):
+        raise GenerationError("prompts: expected a list of prompts, each a list of token ids")
+    for b, prompt in enumerate(prompts):
+        if isinstance(prompt, (str, bytes)):
+            raise GenerationError(f"prompt {b} is text; encode it with the tokenizer first")
+        ids = np.asarray(prompt)
+        if ids.ndim != 1 or ids.size == 0:
+            raise GenerationError(f"prompt {b} is empty or not a flat list of token ids")
+        if ids.dtype.kind not in "iu":
+            raise GenerationError(f"prompt {b}: token ids must be integers, got {ids.dtype}")
+        bad = ids[(ids < 0) | (ids >= vocab_size)]
+        if bad.size:
+            raise GenerationError(
+                f"prompt {b}: token id {int(bad[0])} is outside the vocabulary [0, {vocab_size})"
+            )
 
 
 def _start(model, prompts, sampling: Sampling, seed: int, max_new_tokens: int, prefill_chunk: int):
@@ -200,9 +229,9 @@ def _layout(prompts: Sequence[Sequence[int]], prefill_chunk: int, multiple: int 
     """Left-padded (ids, positions, segment ids) [B,P] and the prefill chunk C; P is a multiple
     of C and of `multiple`."""
     if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token")
+        raise GenerationError("every prompt needs at least one token")
     if prefill_chunk < 1:
-        raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+        raise GenerationError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
     longest = max(len(p) for p in prompts)
     if multiple > 1:  # sequence-parallel prefill: one pass, no chunks
         unit = math.lcm(_ROUND, multiple)
@@ -218,7 +247,7 @@ def _stop_array(stop_tokens, batch: int) -> jax.Array:
     per_row = bool(stop_tokens) and all(isinstance(s, (list, tuple)) for s in stop_tokens)
     rows = [list(s) for s in stop_tokens] if per_row else [list(stop_tokens)] * batch
     if len(rows) != batch:
-        raise ValueError(f"{len(rows)} stop-token lists for {batch} prompts")
+        raise GenerationError(f"{len(rows)} stop-token lists for {batch} prompts")
     n = max(1, max(len(r) for r in rows))
     return jnp.asarray([r + [-1] * (n - len(r)) for r in rows], jnp.int32)
 

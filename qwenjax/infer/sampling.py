@@ -9,10 +9,14 @@ Dimension letters: B batch, V vocab.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from qwenjax.errors import GenerationError
 
 
 class Sampling(NamedTuple):
@@ -24,12 +28,16 @@ class Sampling(NamedTuple):
     top_p: float = 1.0  # 1: no nucleus filter
 
     def check(self) -> Sampling:
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        """The settings as Python numbers; GenerationError (a QwenJaxError) if one is out of
+        range. Written so that NaN fails every test."""
+        if not _is_number(self.temperature) or not 0 <= self.temperature < math.inf:
+            raise GenerationError(
+                f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature}"
+            )
+        if not _is_number(self.top_k, integer=True) or self.top_k < 0:
+            raise GenerationError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k}")
+        if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
+            raise GenerationError(f"top_p must be in (0, 1] (1 = off), got {self.top_p}")
         return Sampling(float(self.temperature), int(self.top_k), float(self.top_p))
 
     @property
@@ -41,6 +49,11 @@ class Sampling(NamedTuple):
         return Sampling(
             jnp.float32(max(self.temperature, 1e-6)), jnp.int32(self.top_k), jnp.float32(self.top_p)
         )
+
+
+def _is_number(x, *, integer: bool = False) -> bool:
+    kinds = (int, np.integer) if integer else (int, float, np.integer, np.floating)
+    return isinstance(x, kinds) and not isinstance(x, bool)
 
 
 def filter_logits(logits, s: Sampling):

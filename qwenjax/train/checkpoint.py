@@ -9,16 +9,24 @@ Restoring places every array straight into its sharding on the given mesh.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging as pylogging
 import os
+import sys
+import time
+import traceback
+from collections.abc import Sequence
 from pathlib import Path
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from qwenjax.atomic import atomic_dir
+from qwenjax.atomic import output_dir
 from qwenjax.config import ModelConfig
 from qwenjax.errors import CheckpointError, ConfigError
 from qwenjax.hf.safetensors_io import PlannedTensor, read_header, read_tensor, write_shard
@@ -29,11 +37,19 @@ CONFIG_FILE = "model_config.json"
 PASSTHROUGH_FILE = "passthrough.safetensors"
 
 
-def save_params(model: CausalLM, ckpt_dir: str | os.PathLike) -> Path:
+def save_params(
+    model: CausalLM, ckpt_dir: str | os.PathLike, *, overwrite: bool = False,
+    inputs: Sequence[str | os.PathLike] = (),
+) -> Path:
+    """Write a parameter checkpoint (`qwenjax.atomic.output_dir` rules, kind "params"): a
+    non-empty directory that is not a previous parameter checkpoint is refused unless
+    `overwrite`; the output may not be or contain `inputs` or the carried tensors' files."""
     ckpt_dir = Path(ckpt_dir)
     state = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     carried = getattr(model, "hf_passthrough", ())
-    with atomic_dir(ckpt_dir) as tmp:
+    carried_dirs = sorted({str(Path(i.file).parent) for i in carried})
+    with output_dir(ckpt_dir, "params", overwrite=overwrite,
+                    inputs=[*inputs, *carried_dirs]) as tmp:
         (tmp / CONFIG_FILE).write_text(json.dumps(model.config.to_dict(), indent=2))
         if carried:  # tensors carried through unchanged (mtp.*, model.visual.*), streamed
             write_shard(tmp / PASSTHROUGH_FILE,
@@ -99,8 +115,9 @@ class RunCheckpointer:
 
     Orbax writes each step to a temporary directory and renames it when complete, so a save
     interrupted by a kill never appears as a step. A step that is complete but damaged (e.g. a
-    truncated file) fails to restore; `restore_latest` then falls back to the next older step and
-    says so.
+    truncated file, a missing item) fails to restore: `restore_latest` moves it aside to
+    `damaged/<step>-<time>` (kept, not deleted; one warning line) and tries the next older one,
+    so the run can save that step number again.
     """
 
     def __init__(self, directory: str | os.PathLike, *, keep: int, async_save: bool):
@@ -120,21 +137,46 @@ class RunCheckpointer:
         self.manager.save(step, args=args, force=force)
 
     def restore_latest(self, abstract_state, log=print):
-        """(step, state, data_state) of the newest step that restores, or None if there is none."""
+        """(step, state, data_state) of the newest step that restores, or None if there is none.
+        Every step that fails on any process is moved aside (by process 0) with one warning."""
         target = _to_pure(abstract_state)
         for step in sorted(self.manager.all_steps(), reverse=True):
+            reason = None
             try:
-                restored = self.manager.restore(
-                    step, args=ocp.args.Composite(
-                        state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()
-                    ),
-                )
+                with quiet_orbax():
+                    restored = self.manager.restore(
+                        step, args=ocp.args.Composite(
+                            state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()
+                        ),
+                    )
             except Exception as e:  # noqa: BLE001 - any failure means "this step is unusable"
-                log(f"warning: checkpoint step {step} cannot be restored "
-                    f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); trying an older one")
-                continue
-            return step, _from_pure(abstract_state, restored["state"]), dict(restored["data"])
+                reason = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+            if _everyone(reason is None):
+                return step, _from_pure(abstract_state, restored["state"]), dict(restored["data"])
+            moved = self._set_aside(step)
+            reason = reason or "on another host"
+            log(f"warning: checkpoint step {step} cannot be restored ({reason}); moved to {moved}, "
+                "trying an older one")
         return None
+
+    def _set_aside(self, step: int) -> Path:
+        """Rename the step's directory to damaged/<step>-<UTC time> (process 0 does it)."""
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        dest = self.directory / "damaged" / f"{step}-{stamp}"
+        if jax.process_index() == 0:
+            dest.parent.mkdir(exist_ok=True)
+            n = 1
+            while dest.exists():
+                n += 1
+                dest = dest.with_name(f"{step}-{stamp}-{n}")
+            os.rename(self.directory / str(step), dest)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"qwenjax: step {step} set aside")
+        self.manager.reload()  # forget the step, so saving that number again is a new save
+        return dest
+
+    def steps(self) -> list[int]:
+        return list(self.manager.all_steps())
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
@@ -142,6 +184,72 @@ class RunCheckpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def checkpoint_params_shapes(directory: str | os.PathLike) -> dict[str, tuple] | None:
+    """{parameter path: (shape, dtype)} in the newest step of a run's checkpoints whose
+    metadata reads, or None if none does. Metadata only, no arrays."""
+    directory = Path(directory).resolve()
+    steps = sorted((int(p.name) for p in directory.iterdir() if p.name.isdigit()), reverse=True)
+    for step in steps:
+        try:
+            with quiet_orbax(), ocp.PyTreeCheckpointer() as ckptr:
+                params = ckptr.metadata(directory / str(step) / "state").item_metadata["params"]
+        except Exception:  # noqa: BLE001, S112 - unreadable metadata: try an older step
+            continue
+        return tree_shapes(params)
+    return None
+
+
+def tree_shapes(tree) -> dict[str, tuple]:
+    """{path: (shape, dtype name)} of a tree of arrays, abstract arrays or array metadata."""
+    return {
+        jax.tree_util.keystr(path): (tuple(x.shape), str(np.dtype(x.dtype)))
+        for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+    }
+
+
+def _everyone(ok: bool) -> bool:
+    """True only if `ok` on every process (one host failing to read its shards fails all)."""
+    if jax.process_count() == 1:
+        return ok
+    flags = multihost_utils.process_allgather(np.asarray([int(ok)], np.int32))
+    return bool(np.asarray(flags).all())
+
+
+_quiet_hook_installed = False
+
+
+@contextlib.contextmanager
+def quiet_orbax():
+    """Silence what a failed Orbax restore prints besides its exception: absl/orbax log lines,
+    and the tracebacks of TensorStore callbacks that reach the closed asyncio loop afterwards
+    ("RuntimeError: Event loop is closed", ~30 per failure, reported through sys.unraisablehook
+    from TensorStore's threads, possibly after the restore returned: that filter stays
+    installed, and lets every other unraisable exception through)."""
+    global _quiet_hook_installed
+    if not _quiet_hook_installed:
+        previous = sys.unraisablehook
+
+        def hook(unraisable):
+            value, tb = unraisable.exc_value, unraisable.exc_traceback
+            files = [f.f_code.co_filename for f, _ in traceback.walk_tb(tb)]
+            closed_loop = isinstance(value, RuntimeError) and str(value) == "Event loop is closed"
+            if closed_loop and files and all("asyncio" in f for f in files):
+                return
+            previous(unraisable)
+
+        sys.unraisablehook = hook
+        _quiet_hook_installed = True
+    loggers = [pylogging.getLogger(n) for n in ("absl", "orbax", "jax._src.distributed")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(pylogging.CRITICAL)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 def _to_pure(tree):

@@ -1,10 +1,12 @@
 """The training run: `qwenjax train EXPERIMENT.yaml` end to end.
 
-Order of work: validate everything (config, mesh, batch/axes divisibility, run directory) before
-anything is written; then tokenizer, data, sharded parameters, optimizer; resume from the newest
-complete checkpoint if the run directory has one; the jitted step loop with metrics, periodic
-async checkpoints, a checkpoint on SIGTERM (preemption) and at the end; finally the Hugging Face
-export and a short greedy sample.
+Order of work: validate everything (config, mesh, batch/axes divisibility, run directory, a
+tokenizer file, the export target) before anything is written; then tokenizer, data, sharded
+parameters, optimizer; resume from the newest checkpoint that restores (damaged newer steps are
+moved to checkpoints/damaged/); the jitted step loop with metrics, periodic async checkpoints, a
+checkpoint on SIGTERM (preemption) and at the end; finally the Hugging Face export and a short
+greedy sample. A command that fails before the run holds a checkpoint takes back what it added
+to the run directory.
 
 Run directory: config.yaml (resolved experiment), tokenizer/, metrics.jsonl, tensorboard/,
 checkpoints/<step>/, hf/ (export).
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import sys
 import time
@@ -27,12 +30,20 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
+from qwenjax.atomic import check_output
+from qwenjax.config import ModelConfig
 from qwenjax.errors import ConfigError, QwenJaxError
 from qwenjax.experiment import ExperimentConfig, dump_experiment
-from qwenjax.model.partition import init_sharded
+from qwenjax.model.partition import abstract_model, init_sharded
 from qwenjax.ops.context_layout import to_layout
 from qwenjax.sharding import activate, check_rules, logical_to_spec, make_mesh
-from qwenjax.train.checkpoint import RunCheckpointer, load_params, read_model_config
+from qwenjax.train.checkpoint import (
+    RunCheckpointer,
+    checkpoint_params_shapes,
+    load_params,
+    read_model_config,
+    tree_shapes,
+)
 from qwenjax.train.data_setup import build_dataset, build_tokenizer
 from qwenjax.train.loss import Batch
 from qwenjax.train.metrics import MetricsWriter, flops_per_token, measure_peak_flops
@@ -49,14 +60,45 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def check_run_dir(exp: ExperimentConfig, run_dir: Path) -> None:
-    """An existing run directory must hold this same experiment (read-only check)."""
+def check_run_dir(exp: ExperimentConfig, run_dir: Path, cfg: ModelConfig) -> None:
+    """Read-only: the run directory may receive this experiment. Its config.yaml, if any, must
+    be this experiment; without one, checkpoints already there must be of this model."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"run directory {run_dir} is a file; pick another --run-dir")
     path = run_dir / "config.yaml"
-    if path.exists() and yaml.safe_load(path.read_text()) != yaml.safe_load(dump_experiment(exp)):
-        raise ConfigError(
-            f"{run_dir} holds a different experiment (its config.yaml differs); "
-            "resume it with its own config or pick a new --run-dir"
-        )
+    ckpts = _steps_on_disk(run_dir / "checkpoints")
+    if path.exists():
+        try:
+            saved = yaml.safe_load(path.read_text())
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ConfigError(
+                f"{path}: not valid YAML ({first}); repair it or pick a new --run-dir"
+            ) from None
+        if saved != yaml.safe_load(dump_experiment(exp)):
+            hint = "" if ckpts else f" (it has no checkpoint yet: delete {run_dir} to start over)"
+            raise ConfigError(
+                f"{run_dir} holds a different experiment (its config.yaml differs); "
+                f"resume it with its own config or pick a new --run-dir{hint}"
+            )
+    elif ckpts:
+        found = checkpoint_params_shapes(run_dir / "checkpoints")
+        if found is None:
+            raise ConfigError(
+                f"{run_dir} has checkpoints but no config.yaml, and their model cannot be read; "
+                "restore its config.yaml or pick a new --run-dir"
+            )
+        _, abstract = abstract_model(cfg)
+        if found != tree_shapes(nnx.to_pure_dict(abstract)):
+            raise ConfigError(
+                f"{run_dir} has no config.yaml and its checkpoints hold a different model than "
+                "this experiment's; restore its config.yaml or pick a new --run-dir"
+            )
+
+
+def _steps_on_disk(ckpt_dir: Path) -> list[int]:
+    return sorted(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit()) if (
+        ckpt_dir.is_dir()) else []
 
 
 def write_run_config(exp: ExperimentConfig, run_dir: Path) -> None:
@@ -66,6 +108,28 @@ def write_run_config(exp: ExperimentConfig, run_dir: Path) -> None:
         tmp = path.with_suffix(f".yaml.tmp{os.getpid()}")
         tmp.write_text(dump_experiment(exp))
         tmp.rename(path)
+
+
+class RunDirUndo:
+    """What this command adds to a run directory, taken back if the command fails before the
+    run holds any checkpoint: a failed first attempt (a bad tokenizer path, a crash in step 1)
+    leaves the directory as it was, so the corrected command is not refused as "a different
+    experiment". Once a checkpoint exists, the run has started and everything stays."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+        self.existed = run_dir.is_dir()
+        self.before = set(os.listdir(run_dir)) if self.existed else set()
+
+    def revert(self) -> None:
+        if _steps_on_disk(self.run_dir / "checkpoints") or not self.run_dir.is_dir():
+            return
+        if not self.existed:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+            return
+        for name in set(os.listdir(self.run_dir)) - self.before:
+            path = self.run_dir / name
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink()
 
 
 def _micro_batches(arrays: dict, grad_accum: int, sharding, context: int = 1,
@@ -83,8 +147,13 @@ def _micro_batches(arrays: dict, grad_accum: int, sharding, context: int = 1,
     return Batch(**{k: put(arrays[k]) for k in Batch._fields})
 
 
-def train(exp: ExperimentConfig, run_dir: str | Path) -> dict:
-    """Run (or resume) an experiment. Returns a summary dict (final step, loss, paths)."""
+def train(exp: ExperimentConfig, run_dir: str | Path, *, overwrite_export: bool = False) -> dict:
+    """Run (or resume) an experiment. Returns a summary dict (final step, loss, paths).
+
+    Everything that can be checked without writing is checked first (config, mesh, run
+    directory, tokenizer file, export target); if the command then fails before the run holds a
+    checkpoint, what it added to the run directory is removed (`RunDirUndo`).
+    `overwrite_export`: run_dir/hf may replace a directory that is not a qwenjax export."""
     run_dir = Path(run_dir)
     cfg = exp.model_config()
     mesh = make_mesh(exp.mesh.shape())
@@ -92,14 +161,36 @@ def train(exp: ExperimentConfig, run_dir: str | Path) -> dict:
     if exp.init_from:
         src = read_model_config(exp.init_from)
         cfg = src.replace(dtype=cfg.dtype, param_dtype=cfg.param_dtype, remat=cfg.remat)
-    check_run_dir(exp, run_dir)
+    check_run_dir(exp, run_dir, cfg)
+    tokenizer = None
+    if exp.tokenizer.kind != "bpe":  # a file: read (and so checked) before anything is written
+        tokenizer = build_tokenizer(exp, run_dir)
+    vocab = tokenizer.vocab_size if tokenizer is not None else exp.tokenizer.vocab_size
+    if vocab > cfg.vocab_size:
+        raise ConfigError(
+            f"tokenizer has {vocab} tokens but the model's vocab_size is {cfg.vocab_size}"
+        )
     primary = jax.process_index() == 0  # the one process that writes files
+    if exp.export_hf and primary:
+        check_output(run_dir / "hf", "hf-model", overwrite=overwrite_export)
+    undo = RunDirUndo(run_dir) if primary else None
+    try:
+        return _run(exp, run_dir, cfg, mesh, rules, tokenizer, primary, overwrite_export)
+    except BaseException:
+        if undo is not None:
+            undo.revert()
+        raise
+
+
+def _run(exp, run_dir, cfg, mesh, rules, tokenizer, primary, overwrite_export) -> dict:
     if primary:
         write_run_config(exp, run_dir)
-        build_tokenizer(exp, run_dir)  # trains and saves a BPE once
+        if tokenizer is None:
+            build_tokenizer(exp, run_dir)  # trains and saves a BPE once
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("qwenjax: run directory ready")
-    tokenizer = build_tokenizer(exp, run_dir)  # loads what the primary saved
+    if tokenizer is None:
+        tokenizer = build_tokenizer(exp, run_dir)  # loads what the primary saved
     if tokenizer.vocab_size > cfg.vocab_size:
         raise ConfigError(
             f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is {cfg.vocab_size}"
@@ -151,7 +242,7 @@ def train(exp: ExperimentConfig, run_dir: str | Path) -> dict:
     flops_tok = flops_per_token(cfg, exp.data.seq_len)
     # Simulated CPU devices share the host's cores: their peak is one measurement, not N.
     peak = measure_peak_flops() * (1 if jax.default_backend() == "cpu" else jax.device_count())
-    writer = MetricsWriter(run_dir, exp.steps) if primary else None
+    writer = MetricsWriter(run_dir, exp.steps, start_step=start) if primary else None
 
     stop = {"signal": None}
     previous_handler = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
@@ -207,8 +298,8 @@ def train(exp: ExperimentConfig, run_dir: str | Path) -> dict:
         from qwenjax.hf.convert import save_pretrained
 
         ids = {"eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id}
-        out = save_pretrained(model, run_dir / "hf", dtype=exp.param_dtype, generation=ids)
-        tokenizer.save(out)
+        out = save_pretrained(model, run_dir / "hf", dtype=exp.param_dtype, generation=ids,
+                              tokenizer=tokenizer, overwrite=overwrite_export)
         summary["hf_dir"] = str(out)
         log(f"exported Hugging Face checkpoint to {out}")
     if exp.sample_tokens:  # every process takes part in the computation; all get the same text

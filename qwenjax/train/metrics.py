@@ -1,9 +1,16 @@
 """Run metrics: `metrics.jsonl` (one JSON object per logged step), TensorBoard event files and a
-one-line console progress report with throughput, MFU and ETA."""
+one-line console progress report with throughput, MFU and ETA.
+
+Each step appears once in metrics.jsonl however often the run resumed: a resumed run first
+drops the rows after the step it restored (rewriting the file atomically), then appends the
+replayed steps; TensorBoard purges the same steps. `read_metrics` is how anything reads the file
+(it also skips a last line torn by a kill).
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -44,16 +51,56 @@ def measure_peak_flops(n: int = 1024, seconds: float = 0.3) -> float:
     return 2.0 * n**3 * count / (time.perf_counter() - t0)
 
 
+def _parse(lines: list[str]) -> list[dict]:
+    rows = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:  # a line cut short by a kill
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int):
+            rows.append(row)
+    return rows
+
+
+def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
+    """The rows of `run_dir/metrics.jsonl`, one per step (the last written wins), by step."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    by_step = {r["step"]: r for r in _parse(path.read_text().splitlines())}
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def drop_rows_after(path: Path, step: int) -> int:
+    """Keep only the rows of `path` with step <= `step` (the run resumes after it); the file is
+    replaced atomically, and only if something goes. -> rows dropped."""
+    if not path.exists():
+        return 0
+    lines = path.read_text().splitlines()
+    kept = [json.dumps(r) for r in _parse(lines) if r["step"] <= step]
+    if len(kept) == len(lines):
+        return 0
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+    return len(lines) - len(kept)
+
+
 class MetricsWriter:
-    def __init__(self, run_dir: Path, total_steps: int, *, tensorboard: bool = True):
+    def __init__(
+        self, run_dir: Path, total_steps: int, *, tensorboard: bool = True, start_step: int = 0
+    ):
+        """`start_step`: the step the run starts after (0, or the restored checkpoint's)."""
         self.path = Path(run_dir) / "metrics.jsonl"
         self.total = total_steps
         self.t_start = time.perf_counter()
+        drop_rows_after(self.path, start_step)
         self.tb = None
         if tensorboard:
             from tensorboardX import SummaryWriter
 
-            self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+            self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=start_step + 1)
 
     def write(self, step: int, metrics: dict[str, Any], *, steps_done_this_run: int) -> None:
         row = {"step": step}
