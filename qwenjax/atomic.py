@@ -57,7 +57,10 @@ def read_marker(directory: str | os.PathLike) -> dict | None:
 
 
 def check_output(
-    target: str | os.PathLike, kind: str, *, overwrite: bool = False,
+    target: str | os.PathLike,
+    kind: str,
+    *,
+    overwrite: bool = False,
     inputs: Iterable[str | os.PathLike] = (),
 ) -> None:
     """Raise OutputError if `output_dir(target, kind, ...)` would refuse; writes nothing."""
@@ -66,7 +69,10 @@ def check_output(
 
 @contextmanager
 def output_dir(
-    target: str | os.PathLike, kind: str, *, overwrite: bool = False,
+    target: str | os.PathLike,
+    kind: str,
+    *,
+    overwrite: bool = False,
     inputs: Iterable[str | os.PathLike] = (),
 ) -> Iterator[Path]:
     """Yield an empty temporary directory to write the output into; on success it becomes
@@ -205,8 +211,11 @@ def _write_marker(tmp: Path, kind: str, files: list[str]) -> None:
 def _clashes(user: list[str], new: set[str]) -> list[str]:
     """User files whose path is a new file's, or a directory of one, or lies under one."""
     new_dirs = {p.as_posix() for f in new for p in Path(f).parents}
-    return [f for f in user if f in new or f in new_dirs
-            or any(p.as_posix() in new for p in Path(f).parents)]
+    return [
+        f
+        for f in user
+        if f in new or f in new_dirs or any(p.as_posix() in new for p in Path(f).parents)
+    ]
 
 
 def _commit(tmp: Path, real: Path, shown: Path, state, new: set[str], overwrite: bool) -> None:

@@ -21,15 +21,23 @@ def _snapshot(root: Path) -> dict[str, bytes]:
     root = Path(root)
     if root.is_file():
         return {".": root.read_bytes()}
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file()}
+    return {
+        p.relative_to(root).as_posix(): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def _run(capsys, *argv) -> tuple[int, list[str]]:
     code = main([str(a) for a in argv])
     err = capsys.readouterr().err
-    return code, [line for line in err.splitlines() if line.strip() and "\r" not in line
-                  and not line.startswith(("loaded ", "wrote ", "export shard", "import "))]
+    return code, [
+        line
+        for line in err.splitlines()
+        if line.strip()
+        and "\r" not in line
+        and not line.startswith(("loaded ", "wrote ", "export shard", "import "))
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -75,8 +83,13 @@ def test_re_export_keeps_user_files_and_drops_the_old_exports_own(ckpt, tmp_path
     code, lines = _run(capsys, "export-hf", ckpt, out)  # one shard now: a different file set
     assert code == 0 and lines == [], lines
     after = _snapshot(out)
-    assert sorted(after) == [MARKER, "config.json", "extra/README.md", "model.safetensors",
-                             "tokenizer.json"]
+    assert sorted(after) == [
+        MARKER,
+        "config.json",
+        "extra/README.md",
+        "model.safetensors",
+        "tokenizer.json",
+    ]
     assert after["tokenizer.json"] == b'{"user": "file"}'
     assert after["extra/README.md"] == b"\x00user bytes"
     assert read_marker(out)["files"] == ["config.json", "model.safetensors"]
@@ -134,15 +147,15 @@ def test_output_in_a_read_only_directory_is_refused(ckpt, tmp_path, capsys):
         parent.chmod(0o755)
 
 
-def test_import_into_a_dir_of_another_kind_or_with_user_files_is_refused(
-    model, tmp_path, capsys
-):
+def test_import_into_a_dir_of_another_kind_or_with_user_files_is_refused(model, tmp_path, capsys):
     hf = qwenjax.save_pretrained(model, tmp_path / "hf")
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "data.csv").write_text("a,b\n1,2\n")
     before = _snapshot(tmp_path)
-    for target, message in ((tmp_path / "mine", "is not a qwenjax output"),
-                            (tmp_path / "hf2", None)):
+    for target, message in (
+        (tmp_path / "mine", "is not a qwenjax output"),
+        (tmp_path / "hf2", None),
+    ):
         if message is None:  # an export is not a parameter checkpoint
             qwenjax.save_pretrained(model, target)
             before = _snapshot(tmp_path)
@@ -173,12 +186,20 @@ def test_export_permissions_follow_the_umask(model, tmp_path):
         ckpt = save_params(model, tmp_path / "ckpt")
     finally:
         os.umask(old)
-    modes = {p.relative_to(tmp_path).as_posix(): stat.S_IMODE(p.stat().st_mode)
-             for root in (tmp_path / "a", out, ckpt) for p in [root, *root.rglob("*")]}
-    assert {"a/hf/tokenizer.json", "a/hf/tokenizer_config.json", "a/hf/model.safetensors",
-            "ckpt/model_config.json"} <= set(modes)
-    wrong = {p: oct(m) for p, m in modes.items()
-             if m != (0o755 if (tmp_path / p).is_dir() else 0o644)}
+    modes = {
+        p.relative_to(tmp_path).as_posix(): stat.S_IMODE(p.stat().st_mode)
+        for root in (tmp_path / "a", out, ckpt)
+        for p in [root, *root.rglob("*")]
+    }
+    assert {
+        "a/hf/tokenizer.json",
+        "a/hf/tokenizer_config.json",
+        "a/hf/model.safetensors",
+        "ckpt/model_config.json",
+    } <= set(modes)
+    wrong = {
+        p: oct(m) for p, m in modes.items() if m != (0o755 if (tmp_path / p).is_dir() else 0o644)
+    }
     assert wrong == {}
 
 
