@@ -84,11 +84,12 @@ def test_same_seed_same_losses_and_exact_resume_after_kill(reference_run, tmp_pa
     r = _train(run, "log_every=1", "steps=10", "checkpoint.every=3")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "resumed from step" in r.stderr
-    # Re-logged steps overwrite nothing: every logged loss equals the uninterrupted run's, bit for bit.
+    # After two kills each step is logged once (the resumed run drops the rows after its
+    # checkpoint before replaying them), with the uninterrupted run's loss, bit for bit.
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == list(range(1, 11))
     for row in rows:
         assert row["loss"] == ref[row["step"]], row["step"]
-    assert max(r["step"] for r in rows) == 10
 
 
 # Runs the CLI with Orbax's final rename of one step's directory held back: the step's data is
@@ -147,13 +148,20 @@ def test_truncated_latest_checkpoint_is_skipped_with_a_warning(reference_run, tm
     run = tmp_path / "run"
     shutil.copytree(reference_run, run)
     latest = run / "checkpoints" / "10"
-    victims = sorted((p for p in latest.rglob("*") if p.is_file() and p.stat().st_size > 1000),
-                     key=lambda p: -p.stat().st_size)
-    os.truncate(victims[0], victims[0].stat().st_size // 2)
+    # A torn OCDBT manifest: Orbax's failed restore leaves TensorStore callbacks that used to
+    # print ~30 "Event loop is closed" tracebacks.
+    for victim in latest.rglob("manifest.ocdbt"):
+        os.truncate(victim, victim.stat().st_size // 2)
     r = _train(run, "log_every=1", "steps=10", "checkpoint.every=3")
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "checkpoint step 10 cannot be restored" in r.stderr
+    warnings = [line for line in r.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "checkpoint step 10 cannot be restored" in warnings[0]
+    assert "Traceback" not in r.stderr and "Event loop is closed" not in r.stderr
     assert "resumed from step 9" in r.stderr
+    # Moved aside, and step 10 saved again: the next run has nothing to redo.
+    assert [p.name.split("-")[0] for p in (run / "checkpoints" / "damaged").iterdir()] == ["10"]
+    r = _train(run, "log_every=1", "steps=10", "checkpoint.every=3")
+    assert r.returncode == 0 and "resumed from step 10 " in r.stderr and "warning" not in r.stderr
 
 
 @pytest.mark.parametrize("sets,message", [

@@ -202,9 +202,11 @@ def checkpoint_params_shapes(directory: str | os.PathLike) -> dict[str, tuple] |
 
 
 def tree_shapes(tree) -> dict[str, tuple]:
-    """{path: (shape, dtype name)} of a tree of arrays, abstract arrays or array metadata."""
+    """{"a/0/b": (shape, dtype name)} of a tree of arrays, abstract arrays or array metadata.
+    Keys as strings: Orbax metadata spells the integer keys of nnx state as "0"."""
     return {
-        jax.tree_util.keystr(path): (tuple(x.shape), str(np.dtype(x.dtype)))
+        "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path):
+            (tuple(x.shape), str(np.dtype(x.dtype)))
         for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]
     }
 
