@@ -58,7 +58,7 @@ def cmd_eval(args) -> None:
 
 def cmd_import_hf(args) -> None:
     from qwenjax.atomic import check_output
-    from qwenjax.hf.convert import from_pretrained
+    from qwenjax.hf.convert import from_pretrained, tokenizer_files
     from qwenjax.train.checkpoint import save_params
 
     t0 = time.time()
@@ -68,13 +68,14 @@ def cmd_import_hf(args) -> None:
         args.hf_dir, dtype=args.dtype, param_dtype=args.param_dtype, mesh=mesh, progress=True,
     )
     print(f"loaded {args.hf_dir} in {time.time() - t0:.1f}s; writing {args.ckpt_dir}", file=sys.stderr)
-    save_params(model, args.ckpt_dir, overwrite=args.overwrite, inputs=[args.hf_dir])
+    save_params(model, args.ckpt_dir, overwrite=args.overwrite, inputs=[args.hf_dir],
+                extra_files=tokenizer_files(args.hf_dir))
     print(f"wrote {args.ckpt_dir} ({time.time() - t0:.1f}s)", file=sys.stderr)
 
 
 def cmd_export_hf(args) -> None:
     from qwenjax.atomic import check_output
-    from qwenjax.hf.convert import export_dtype, parse_size, save_pretrained
+    from qwenjax.hf.convert import export_dtype, parse_size, save_pretrained, tokenizer_files
     from qwenjax.train.checkpoint import load_params, read_model_config
 
     t0 = time.time()
@@ -86,6 +87,7 @@ def cmd_export_hf(args) -> None:
     save_pretrained(
         model, args.hf_dir, dtype=args.dtype, max_shard_size=args.max_shard_size, progress=True,
         overwrite=args.overwrite, inputs=[args.ckpt_dir],
+        extra_files=tokenizer_files(args.ckpt_dir),
     )
     print(f"wrote {args.hf_dir} ({time.time() - t0:.1f}s)", file=sys.stderr)
 

@@ -229,3 +229,16 @@ def test_marker_is_written_last_and_lists_what_was_written(tmp_path):
     marker = json.loads((tmp_path / "report" / MARKER).read_text())
     assert marker["kind"] == "eval-report"
     assert marker["files"] == ["plots/a.png", "results.json"]
+
+
+def test_tokenizer_files_survive_import_export_and_re_export(model, tmp_path, capsys):
+    tokenizer = train_bpe(["def f(x):\n    return x + 1\n"] * 20, 300)
+    hf = qwenjax.save_pretrained(model, tmp_path / "hf", tokenizer=tokenizer)
+    tok_bytes = {n: (hf / n).read_bytes() for n in ("tokenizer.json", "tokenizer_config.json")}
+    assert _run(capsys, "import-hf", hf, tmp_path / "ckpt")[0] == 0
+    out = tmp_path / "out"
+    for _ in range(2):  # the second export replaces the first, tokenizer and all
+        code, lines = _run(capsys, "export-hf", tmp_path / "ckpt", out)
+        assert code == 0 and lines == [], lines
+        assert {n: (out / n).read_bytes() for n in tok_bytes} == tok_bytes
+    assert _snapshot(tmp_path / "hf") == _snapshot(hf)  # the source is untouched

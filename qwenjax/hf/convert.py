@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import sys
 from collections.abc import Sequence
 from functools import cache
@@ -211,6 +212,7 @@ def save_pretrained(
     tokenizer=None,
     overwrite: bool = False,
     inputs: Sequence[str | os.PathLike] = (),
+    extra_files: Sequence[str | os.PathLike] = (),
 ) -> Path:
     """Write `model` as a Hugging Face directory that `transformers` loads (Hub tensor names).
 
@@ -219,7 +221,8 @@ def save_pretrained(
     qwenjax tokenizer) writes its files into the same directory. The directory is written as
     `qwenjax.atomic.output_dir` says: files a user added to a previous export survive, anything
     else non-empty is refused unless `overwrite`; `inputs` (the checkpoint read, say) and the
-    files of carried tensors may not be or contain the output.
+    files of carried tensors may not be or contain the output. `extra_files` are copied in
+    as they are (tokenizer files carried by a parameter checkpoint).
     """
     cfg = model.config
     out_dir = Path(out_dir)
@@ -270,9 +273,24 @@ def save_pretrained(
         if ids:
             gen = {"_from_model_config": True, **ids}
             (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2, sort_keys=True))
+        for path in extra_files:
+            shutil.copyfile(path, tmp / Path(path).name)
         if tokenizer is not None:
             tokenizer.save(tmp)
     return out_dir
+
+
+# Files beside the weights that make a Hugging Face directory usable: carried through a parameter
+# checkpoint (import-hf copies them in, export-hf back out), so a round trip keeps the tokenizer.
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+    "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja",
+    "chat_template.json",
+)
+
+
+def tokenizer_files(directory: str | os.PathLike) -> list[Path]:
+    return [Path(directory) / n for n in TOKENIZER_FILES if (Path(directory) / n).is_file()]
 
 
 def _token_ids(cfg: ModelConfig) -> dict:

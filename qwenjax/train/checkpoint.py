@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging as pylogging
 import os
+import shutil
 import sys
 import time
 import traceback
@@ -39,11 +40,12 @@ PASSTHROUGH_FILE = "passthrough.safetensors"
 
 def save_params(
     model: CausalLM, ckpt_dir: str | os.PathLike, *, overwrite: bool = False,
-    inputs: Sequence[str | os.PathLike] = (),
+    inputs: Sequence[str | os.PathLike] = (), extra_files: Sequence[str | os.PathLike] = (),
 ) -> Path:
     """Write a parameter checkpoint (`qwenjax.atomic.output_dir` rules, kind "params"): a
     non-empty directory that is not a previous parameter checkpoint is refused unless
-    `overwrite`; the output may not be or contain `inputs` or the carried tensors' files."""
+    `overwrite`; the output may not be or contain `inputs` or the carried tensors' files.
+    `extra_files` (the source's tokenizer files) are copied in beside model_config.json."""
     ckpt_dir = Path(ckpt_dir)
     state = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     carried = getattr(model, "hf_passthrough", ())
@@ -51,6 +53,8 @@ def save_params(
     with output_dir(ckpt_dir, "params", overwrite=overwrite,
                     inputs=[*inputs, *carried_dirs]) as tmp:
         (tmp / CONFIG_FILE).write_text(json.dumps(model.config.to_dict(), indent=2))
+        for path in extra_files:
+            shutil.copyfile(path, tmp / Path(path).name)
         if carried:  # tensors carried through unchanged (mtp.*, model.visual.*), streamed
             write_shard(tmp / PASSTHROUGH_FILE,
                         [PlannedTensor(i.name, i.shape, i.dtype) for i in carried],
