@@ -3,6 +3,10 @@
 The public API; see DESIGN.md. Everything else is reachable through the submodules.
 """
 
+from qwenjax import xla_cpu_flags
+
+xla_cpu_flags.apply()  # before any JAX computation creates the CPU backend
+
 from qwenjax.config import ModelConfig, RopeConfig, load_preset
 from qwenjax.errors import (
     CheckpointError,
