@@ -12,7 +12,7 @@ CPU8 := JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=8
 	touch .venv/ok
 
 .venv/ok-test: .venv/ok
-	.venv/bin/pip install -q -e '.[test]'
+	.venv/bin/pip install -q -e '.[test,tpu]'
 	touch .venv/ok-test
 
 setup: .venv/ok

@@ -5,6 +5,8 @@
     qwenjax export-hf CKPT_DIR HF_DIR     Orbax parameter checkpoint -> HF directory
     qwenjax eval EXPERIMENT.yaml [--set ...] [--run-dir DIR] [--out DIR]   long-context eval
     qwenjax generate (--hf DIR | --checkpoint DIR) --prompt TEXT [--chat] [--mesh context=8] [...]
+    qwenjax plan EXPERIMENT.yaml --topology v5p-128 [--set ...] [--infer] [--search batch]
+                                          compile for a TPU slice (no TPU needed); last line JSON
 
 Bad input (a QwenJaxError) prints one line `qwenjax: error: ...` and exits with status 2; any
 other exception is a bug and keeps its traceback (status 1). Outputs are written by
@@ -140,6 +142,27 @@ def cmd_generate(args) -> None:
     print(tokenizer.decode(new)[len(shown):], flush=True)
 
 
+def cmd_plan(args) -> None:
+    import os
+
+    # Compile-only TPU devices need no TPU backend: keep JAX's runtime on the CPU (on a laptop
+    # with libtpu installed, JAX would otherwise look for a TPU first).
+    if "jax" not in sys.modules:
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    from qwenjax.experiment import load_experiment
+    from qwenjax.plan import PlanError, does_not_fit_line, format_table, plan
+
+    exp = load_experiment(args.experiment, args.set or [])
+    run_dir = args.run_dir or f"runs/{Path(args.experiment).stem}/plan"
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)
+    report = plan(exp, args.topology, infer=args.infer, search=args.search, run_dir=run_dir,
+                  log=log)
+    print(format_table(report))
+    print(json.dumps(report), flush=True)
+    if not report["fits"]:
+        raise PlanError(does_not_fit_line(report))
+
+
 _OVERWRITE = ("replace an output path that is not a previous output of the same kind (a "
               "non-empty directory or a file); without it such a path is refused")
 
@@ -184,6 +207,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mesh", help="e.g. context=8 (long prompts) or fsdp=2,expert=4")
     p.add_argument("--dtype", default="float32")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("plan", help="compile the train step for a TPU slice: fits? collectives?")
+    p.add_argument("experiment", help="experiment YAML")
+    p.add_argument("--topology", required=True,
+                   help="Cloud TPU slice (v5p-128, v6e-256, v5e-16, v4-32, tpu7x-8) or v5p:4x4x4")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="e.g. mesh.fsdp=8")
+    p.add_argument("--infer", action="store_true",
+                   help="also compile prefill and one decode step at the eval lengths")
+    p.add_argument("--search", choices=["batch"],
+                   help="batch: the largest per-chip batch that fits (doubling, then bisection)")
+    p.add_argument("--run-dir", help="where report.json and the HLO go (default runs/NAME/plan)")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("import-hf", help="Hugging Face directory -> Orbax parameter checkpoint")
     p.add_argument("hf_dir")

@@ -30,7 +30,7 @@ sys.path[:0] = [os.path.join(HERE, ".."), HERE]
 import jax
 import jax.numpy as jnp
 import numpy as np
-from hlo_stats import collectives
+from qwenjax.plan.hlo import collectives
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 

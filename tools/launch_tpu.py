@@ -8,11 +8,16 @@ worker, install qwenjax there, and start `qwenjax train` on all hosts at once.
 Every host runs the same command with `--distributed`; `jax.distributed.initialize()` finds the
 coordinator from the TPU metadata, so no addresses are passed. The experiment's mesh must
 multiply to the slice's chip count (checked here, before anything is created).
+
+Preflight: before any `gcloud` command is printed or run, the experiment's train step is
+compiled for the slice (`qwenjax plan`, libtpu's compile-only devices); a slice it does not fit
+is refused (exit 2, one line naming the largest buffers). `--skip-plan` bypasses it.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import subprocess
 import sys
@@ -78,7 +83,20 @@ def commands(args) -> list[list[str]]:
     return [create, copy, ssh + ["--command", install], ssh + ["--command", train]]
 
 
-def main() -> int:
+def preflight(args) -> None:
+    """Raise QwenJaxError unless the experiment's step compiles and fits on `args.tpu`."""
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compile-only devices; no TPU runtime
+    from qwenjax.plan import PlanError, does_not_fit_line, plan
+
+    report = plan(load_experiment(args.experiment, args.set or []), args.tpu,
+                  log=lambda m: print(m, file=sys.stderr))
+    if not report["fits"]:
+        raise PlanError(does_not_fit_line(report))
+    print(f"launch_tpu: plan: peak {report['peak_gib']} GiB per device of "
+          f"{report['hbm_gib_per_device']} GiB on {args.tpu}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("experiment")
     p.add_argument("--name", required=True)
@@ -90,9 +108,13 @@ def main() -> int:
     p.add_argument("--queued", action="store_true", help="create through a queued resource")
     p.add_argument("--spot", action="store_true")
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
-    args = p.parse_args()
+    p.add_argument("--skip-plan", action="store_true",
+                   help="do not compile the step for the slice first (the fit preflight)")
+    args = p.parse_args(argv)
     try:
         cmds = commands(args)
+        if not args.skip_plan:
+            preflight(args)
     except QwenJaxError as e:
         print(f"launch_tpu: error: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,180 @@
+"""`qwenjax plan`: compile tiny MoE train steps for TPU slices on this CPU machine (libtpu's
+compile-only devices) and check the report, the TPU code paths and the refusals.
+
+Compiles are the cost (~20 s each on 2 cores), so each slice's plan is compiled once per module
+(fixtures) and shared by the asserts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("libtpu", reason="the `tpu` extra (libtpu) is not installed")
+
+from qwenjax.cli import main as cli_main
+from qwenjax.errors import MeshError
+from qwenjax.experiment import load_experiment
+from qwenjax.plan import CHIPS, PlanError, parse_slice
+from qwenjax.plan import run as plan_run
+from qwenjax.plan.hlo import collectives
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = str(ROOT / "experiments" / "tiny_test.yaml")
+# 2 layers, 32 tokens, batch 8; experts over all 4 devices of the slice
+SETS = ["mesh.data=1", "mesh.expert=4"]
+
+
+def _sets(settings):
+    return [a for s in settings for a in ("--set", s)]
+
+
+def _plan_cli(capsys, *args):
+    code = cli_main(["plan", TINY, *args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def moe_v5p(tmp_path_factory):
+    """Qwen3-MoE tiny on v5p-8 (v5p:2x2x1) through the CLI: (report, run dir)."""
+    run_dir = tmp_path_factory.mktemp("plan") / "qwen3-moe-v5p"
+    code = cli_main(["plan", TINY, "--topology", "v5p-8", *_sets(SETS),
+                     "--run-dir", str(run_dir)])
+    assert code == 0
+    return json.loads((run_dir / "report.json").read_text()), run_dir
+
+
+@pytest.fixture(scope="module")
+def moe35_v6e():
+    """Qwen3.5-MoE tiny (Gated DeltaNet + gated attention) on v6e-4 (v6e:2x2), in Python."""
+    exp = load_experiment(TINY, SETS + ["model=qwen3.5-moe-tiny", "model_overrides.num_layers=4"])
+    tpu = parse_slice("v6e-4")
+    return plan_run.plan_train(exp, tpu), exp, tpu
+
+
+def test_slice_names():
+    cases = {"v5p-8": ("v5p:2x2x1", 4, 4), "v5p-128": ("v5p:4x4x4", 64, 64),
+             "v5p-256": ("v5p:4x4x8", 128, 128), "v6e-4": ("v6e:2x2", 4, 4),
+             "v6e-256": ("v6e:16x16", 256, 256), "v5litepod-16": ("v5e:4x4", 16, 16),
+             "v5e-4": ("v5e:2x2", 4, 4), "v4-8": ("v4:2x2x1", 4, 4),
+             "tpu7x-8": ("tpu7x:2x2x1", 4, 8), "v5p:4x4x8": ("v5p:4x4x8", 128, 128)}
+    for name, (topology, chips, devices) in cases.items():
+        s = parse_slice(name)
+        assert (s.topology, s.chips, s.devices) == (topology, chips, devices), name
+    for bad in ("v9-8", "v5p-12", "v5p", "v6e:2x2x2"):
+        with pytest.raises(PlanError):
+            parse_slice(bad)
+
+
+def test_report_fields_and_files(moe_v5p):
+    report, run_dir = moe_v5p
+    assert report["topology"] == "v5p:2x2x1" and report["chips"] == 4
+    assert report["hbm_gib"] == 95 and report["fits"] is True
+    for key in ("peak_gib", "arguments_gib", "temporaries_gib", "model_flops_per_step",
+                "estimated_step_s", "estimated_mfu"):
+        assert isinstance(report[key], float), key
+    # the tiny model: ~2.6M parameters with fp32 AdamW is ~31 MB, split over 4 devices
+    assert 0 < report["arguments_gib"] < 0.05 and 0 < report["peak_gib"] < 0.5
+    peak = (report["arguments_gib"] + report["temporaries_gib"] + report["outputs_gib"]
+            - report["aliased_gib"] + report["generated_code_gib"])
+    assert abs(peak - report["peak_gib"]) < 0.005
+    assert 0 < report["estimated_mfu"] <= 1 and report["estimated_step_s"] > 0
+    # 6 x active params x tokens: 2 layers of (attention 4*128*128*... ) checked by bounds: the
+    # active matmul parameters of qwen3-moe-tiny at 2 layers are ~0.3M, tokens 8 x 32 = 256
+    assert 6 * 0.2e6 * 256 < report["model_flops_per_step"] < 6 * 0.5e6 * 256
+    for kind, c in report["collectives"].items():
+        assert set(c) == {"count", "bytes", "static_bytes", "in_loops"}, kind
+        assert c["bytes"] >= c["static_bytes"] > 0 and c["count"] >= c["in_loops"]
+    assert isinstance(report["custom_calls"], dict)
+    hlo = (run_dir / "train_step.hlo.txt").read_text()
+    assert collectives(hlo) == report["collectives"]
+    marker = json.loads((run_dir / ".qwenjax-output.json").read_text())
+    assert marker["kind"] == "plan-report"
+
+
+def test_tpu_paths_chosen(moe_v5p, moe35_v6e):
+    """Over TPU devices the program is the TPU one: the expert exchange is a ragged all-to-all
+    (XLA:CPU has none) and the grouped matmul XLA:TPU's ragged-dot kernel, not the CPU
+    fallback's blocked scan (which has no ragged dot: see the next test)."""
+    report, run_dir = moe_v5p
+    hlo = (run_dir / "train_step.hlo.txt").read_text()
+    assert report["collectives"]["ragged-all-to-all"]["count"] >= 2
+    # in the layer scan: its bytes count once per layer (2 layers)
+    rag = report["collectives"]["ragged-all-to-all"]
+    assert rag["in_loops"] == rag["count"] and rag["bytes"] == 2 * rag["static_bytes"]
+    assert any(k.startswith("tpu_custom_call:ragged-dot") for k in report["custom_calls"])
+    assert "ragged-dot" in hlo
+    report35, _, _ = moe35_v6e
+    assert report35["topology"] == "v6e:2x2" and report35["hbm_gib"] == 32
+    assert report35["fits"] is True and report35["collectives"]["ragged-all-to-all"]["count"] >= 2
+    assert any(k.startswith("tpu_custom_call:ragged-dot") for k in report35["custom_calls"])
+
+
+def test_cpu_platform_takes_blocked_path():
+    """The distinction is real: forcing `mesh.platform: cpu` over the same TPU devices traces
+    the CPU fallbacks (blocked scan, padded all-to-all), whose program has neither a ragged dot
+    nor a ragged all-to-all; `tpu` has both (lowering only, no compile)."""
+    from qwenjax.plan import build
+    from qwenjax.sharding import check_rules
+
+    tpu = parse_slice("v5p-8")
+    for platform, ragged in (("cpu", False), ("tpu", True)):
+        exp = load_experiment(TINY, SETS + [f"mesh.platform={platform}"])
+        mesh = plan_run._mesh(exp, tpu)
+        lowered, _ = build.lower_train_step(exp, exp.model_config(), mesh,
+                                            check_rules(exp.mesh.rules))
+        text = lowered.as_text()
+        assert ("ragged_dot" in text) == ragged, platform
+        assert ("ragged_all_to_all" in text) == ragged, platform
+
+
+def test_does_not_fit_with_small_hbm(moe_v5p, moe35_v6e, monkeypatch):
+    report, _, _ = moe35_v6e
+    monkeypatch.setitem(CHIPS, "v6e", dataclasses.replace(CHIPS["v6e"], hbm_gib=0.001))
+    small = parse_slice("v6e-4")
+    assert small.hbm_per_device < report["peak_gib"] * 2**30  # the same compile would not fit
+    line = plan_run.does_not_fit_line({**report, "hbm_gib_per_device": 0.001, "fits": False})
+    assert "\n" not in line and "does not fit v6e-4" in line and "largest buffers:" in line
+    assert "params/" in line  # names the biggest argument buffers
+
+
+def test_cli_errors_one_line(capsys):
+    code, out, err = _plan_cli(capsys, "--topology", "v9-64")
+    assert code == 2 and err.count("\n") == 1 and "v9-64" in err and out == ""
+    code, out, err = _plan_cli(capsys, "--topology", "v5p-32", "--set", "mesh.expert=4")
+    assert code == 2 and err.count("\n") == 1 and "has 16" in err and "data=2 x expert=4" in err
+    with pytest.raises(MeshError):
+        plan_run._mesh(load_experiment(TINY, ["mesh.data=1", "mesh.expert=8"]),
+                       parse_slice("v6e-4"))
+
+
+def test_cli_step_does_not_fit(capsys, tmp_path):
+    """An enormous batch: XLA:TPU itself refuses the program; exit 2, one line."""
+    code, out, err = _plan_cli(capsys, "--topology", "v5p-8", "--set", "mesh.data=1",
+                               "--set", "mesh.expert=4", "--set", "batch_size=16384",
+                               "--set", "data.seq_len=4096", "--run-dir", str(tmp_path / "p"))
+    assert code == 2 and err.strip().count("\n") == 0, err
+    assert "does not fit v5p-8" in err and "largest buffers:" in err
+    report = json.loads(out.strip().splitlines()[-1])
+    assert report["fits"] is False
+
+
+def test_launch_preflight_refuses(capsys):
+    """tools/launch_tpu.py compiles the plan first and prints no gcloud command for a slice
+    the step does not fit (an enormous batch)."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    import launch_tpu
+
+    sets = SETS + ["batch_size=16384", "data.seq_len=4096"]
+    code = launch_tpu.main([TINY, "--name", "t", "--tpu", "v5p-8", "--zone", "z", "--project",
+                            "p", "--run-dir", "gs://b/r", "--dry-run",
+                            *_sets(sets)])
+    out, err = capsys.readouterr()
+    assert code == 2 and "gcloud" not in out
+    assert err.strip().splitlines()[-1].startswith("launch_tpu: error:")
+    assert "does not fit v5p-8" in err
