@@ -24,6 +24,7 @@ _CALLS = re.compile(
     r"(?:calls|to_apply|condition|body|branch_computations|called_computations)=\{?%?([\w.\-]+)"
 )
 _CONST = re.compile(r"\bs32\[\]\S*\s+constant\((\d+)\)")
+_GROUP = re.compile(r"replica_groups=\{\{([\d,]+)\}")
 
 
 def shape_bytes(text: str) -> int:
@@ -100,8 +101,12 @@ def collectives(hlo_text: str) -> dict:
             m = _OP.search(line)
             if not m:
                 continue
-            b = shape_bytes(m.group(1))
-            e = out.setdefault(m.group(2),
+            b, kind = shape_bytes(m.group(1)), m.group(2)
+            if kind == "all-reduce" and name.startswith("all-reduce-scatter"):
+                group = _GROUP.search(line)
+                kind = "reduce-scatter"
+                b //= len(group.group(1).split(",")) if group else 1
+            e = out.setdefault(kind,
                                {"count": 0, "bytes": 0, "static_bytes": 0, "in_loops": 0})
             e["count"] += 1
             e["static_bytes"] += b
