@@ -32,8 +32,14 @@ class MeshConfig:
     # Token layout over `context` (qwenjax/ops/context_layout.py): zigzag balances causal work.
     context_layout: str = "zigzag"
     rules: dict[str, Any] = field(default_factory=dict)  # logical axis -> mesh axes overrides
+    # Which kernels to build for (MoE grouped matmul, expert exchange, attention): "auto" reads
+    # the platform of the mesh's devices (TPU devices compiled for from a CPU host say "tpu");
+    # "cpu" / "gpu" / "tpu" force it. Never the host's `jax.default_backend()`.
+    platform: str = "auto"
 
     def __post_init__(self):
+        if self.platform not in ("auto", "cpu", "gpu", "tpu"):
+            raise ConfigError(f"mesh.platform {self.platform!r} is not one of auto, cpu, gpu, tpu")
         for axis, size in self.shape().items():
             if not isinstance(size, int) or isinstance(size, bool) or size < 1:
                 raise ConfigError(f"mesh.{axis} must be an integer >= 1, got {size!r}")

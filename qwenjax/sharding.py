@@ -39,7 +39,11 @@ DEFAULT_RULES: dict[str, str | tuple[str, ...] | None] = {
     # parameters
     "layers": None,
     "vocab": "tensor",
-    "embed": "fsdp",
+    # Dense weights are split over fsdp x expert (for MoE models the expert devices would
+    # otherwise each hold every dense weight and its AdamW moments whole); expert weights split
+    # their D over fsdp only, as `expert` already splits their E.
+    "embed": ("fsdp", "expert"),
+    "expert_embed": "fsdp",
     "heads": "tensor",
     "kv_heads": "tensor",
     "head_dim": None,
@@ -143,23 +147,59 @@ def named_sharding(
 
 _RULES: contextvars.ContextVar[dict] = contextvars.ContextVar("qwenjax_rules", default=DEFAULT_RULES)
 _LAYOUT: contextvars.ContextVar[str] = contextvars.ContextVar("qwenjax_layout", default="zigzag")
+_PLATFORM: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "qwenjax_platform", default=None
+)
+PLATFORMS = ("cpu", "gpu", "tpu")
 
 
 @contextlib.contextmanager
-def activate(mesh: Mesh, rules: Mapping | None = None, context_layout: str = "zigzag"):
+def activate(
+    mesh: Mesh, rules: Mapping | None = None, context_layout: str = "zigzag",
+    platform: str | None = None,
+):  # fmt: skip
     """Make `mesh` (and an axis table) current for jit tracing and `constrain`.
 
     With `context` > 1, token arrays given to the model are sequence-sharded and already in
     `context_layout` (see ops/context_layout.py); the layers run ring attention and the
-    sequence-parallel delta rule, and need the layout only to order delta-rule pieces."""
+    sequence-parallel delta rule, and need the layout only to order delta-rule pieces.
+    `platform` ("cpu" | "gpu" | "tpu") overrides the platform read from the mesh's devices
+    (`target_platform`), e.g. to trace the TPU program over CPU devices."""
     token = _RULES.set(check_rules(rules or {}))
     layout_token = _LAYOUT.set(context_layout)
+    platform_token = _PLATFORM.set(mesh_platform(mesh) if platform in (None, "auto") else
+                                   _check_platform(platform))  # fmt: skip
     try:
         with jax.set_mesh(mesh):
             yield mesh
     finally:
         _RULES.reset(token)
         _LAYOUT.reset(layout_token)
+        _PLATFORM.reset(platform_token)
+
+
+def _check_platform(platform: str) -> str:
+    if platform not in PLATFORMS:
+        raise MeshError(f"platform {platform!r} is not one of auto, {', '.join(PLATFORMS)}")
+    return platform
+
+
+def device_platform(device: jax.Device) -> str:
+    """"cpu" | "gpu" | "tpu" (compile-only TPU devices on a CPU host say "tpu")."""
+    return "gpu" if device.platform in ("cuda", "rocm") else device.platform
+
+
+def mesh_platform(mesh: Mesh) -> str:
+    return device_platform(mesh.devices.flat[0])
+
+
+def target_platform() -> str:
+    """The platform the program being built will run on, which decides kernels (MoE grouped
+    matmul, expert exchange, attention): the active mesh's (see `activate`), never
+    `jax.default_backend()`, which on a CPU host compiling for TPU says "cpu". Without an active
+    mesh the program runs on the default device, so its platform is the answer."""
+    platform = _PLATFORM.get()
+    return platform if platform is not None else device_platform(jax.devices()[0])
 
 
 def current_layout() -> str:

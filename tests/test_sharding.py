@@ -9,8 +9,9 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 import qwenjax
+from qwenjax.errors import MeshError
 from qwenjax.model.partition import init_sharded, state_shardings
-from qwenjax.sharding import activate, check_rules, logical_to_spec
+from qwenjax.sharding import activate, check_rules, logical_to_spec, make_mesh
 from qwenjax.train.loss import batch_from_tokens
 from qwenjax.train.step import make_loss_and_grad, split_model
 
@@ -65,7 +66,10 @@ def test_each_device_holds_its_experts_and_no_device_the_whole_embedding():
     for shard in gate.addressable_shards:
         assert shard.data.shape[1] == cfg.num_experts // 4
     embed = flat[("embed",)]
-    assert all(s.data.size < embed.size for s in embed.addressable_shards)
+    # dense weights are split over fsdp x expert, 8 ways (not held whole on each expert device)
+    assert all(s.data.size == embed.size // 8 for s in embed.addressable_shards)
+    q = flat[("stacks", 0, "block", "layers", 0, "attn", "q_kernel")]  # [L, D, H, Dh]
+    assert all(s.data.size == q.size // 8 for s in q.addressable_shards)
 
 
 def test_from_pretrained_places_tensors_in_their_shardings(tmp_path):
@@ -82,3 +86,25 @@ def test_from_pretrained_places_tensors_in_their_shardings(tmp_path):
     with activate(mesh):
         out = np.asarray(sharded(ids))
     assert np.abs(out - np.asarray(plain(ids))).max() <= 1e-5
+
+
+def test_kernels_follow_the_mesh_platform_not_the_host():
+    """Compile-only TPU devices on this CPU host: the MoE paths are the TPU ones (ragged grouped
+    matmul, ragged all-to-all), and an explicit platform setting overrides the mesh's."""
+    pytest.importorskip("libtpu", reason="needs the tpu extra (libtpu) for compile-only devices")
+    from jax.experimental import topologies
+
+    from qwenjax.ops.moe_dispatch import default_impl
+    from qwenjax.sharding import target_platform
+
+    devices = topologies.get_topology_desc(platform="tpu", topology_name="v5p:2x2x1").devices
+    tpu_mesh = make_mesh({"fsdp": 2, "expert": 2}, devices=devices)
+    assert jax.default_backend() == "cpu"
+    with activate(tpu_mesh):
+        assert (target_platform(), default_impl()) == ("tpu", "ragged")
+    with activate(tpu_mesh, platform="cpu"):
+        assert (target_platform(), default_impl()) == ("cpu", "blocked")
+    with activate(make_mesh({"expert": 8})):
+        assert (target_platform(), default_impl()) == ("cpu", "blocked")
+    with pytest.raises(MeshError, match="platform 'tpuu'"), activate(tpu_mesh, platform="tpuu"):
+        pass

@@ -37,9 +37,9 @@ class MoE(nnx.Module):
         D, E, F, pd = cfg.hidden_size, cfg.num_experts, cfg.moe_intermediate_size, cfg.param_dtype
         self.cfg = cfg
         self.router_kernel = make_param(rngs, (D, E), ("embed", "router_experts"), pd)
-        self.gate_kernel = make_param(rngs, (E, D, F), ("experts", "embed", "expert_mlp"), pd)
-        self.up_kernel = make_param(rngs, (E, D, F), ("experts", "embed", "expert_mlp"), pd)
-        self.down_kernel = make_param(rngs, (E, F, D), ("experts", "expert_mlp", "embed"), pd)
+        self.gate_kernel = make_param(rngs, (E, D, F), ("experts", "expert_embed", "expert_mlp"), pd)
+        self.up_kernel = make_param(rngs, (E, D, F), ("experts", "expert_embed", "expert_mlp"), pd)
+        self.down_kernel = make_param(rngs, (E, F, D), ("experts", "expert_mlp", "expert_embed"), pd)
         if cfg.shared_expert_intermediate_size:
             self.shared = MLP(cfg, cfg.shared_expert_intermediate_size, rngs=rngs)
             self.shared_gate_kernel = make_param(rngs, (D, 1), ("embed", None), pd)

@@ -41,7 +41,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from qwenjax.ops.moe_dispatch import block_rows, combine_rows, gather_rows
-from qwenjax.sharding import make_mesh
+from qwenjax.sharding import make_mesh, target_platform
 
 F32 = jnp.float32
 
@@ -205,7 +205,7 @@ def _ragged_routes(dest, ep: int, M: int, axis: str):
 
 
 def _ragged_all_to_all(operand, output, in_off, send_sizes, out_off, recv_sizes, axis, ep):
-    if jax.default_backend() != "cpu":
+    if target_platform() != "cpu":
         return jax.lax.ragged_all_to_all(
             operand, output, in_off, send_sizes, out_off, recv_sizes, axis_name=axis
         )
@@ -245,7 +245,7 @@ def expert_parallel_ffn(x, weights, experts, w_gate, w_up, w_down, *, mesh, toke
     tensor = tensor_axis if tensor_axis and mesh.shape[tensor_axis] > 1 else None
     if tensor is not None and F % mesh.shape[tensor]:
         tensor = None
-    on_cpu = jax.default_backend() == "cpu"
+    on_cpu = target_platform() == "cpu"  # the mesh's platform, not the host's
     impl = ("blocked" if on_cpu else "ragged") if impl == "auto" else impl
     exchange = ("padded" if on_cpu else "ragged") if exchange == "auto" else exchange
     n_local = x.shape[0] * x.shape[1] // math.prod(

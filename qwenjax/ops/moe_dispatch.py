@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from qwenjax.sharding import target_platform
+
 F32 = jnp.float32
 
 
@@ -42,7 +44,8 @@ def swiglu(x, w_gate, w_up, w_down):
 
 
 def default_impl() -> str:
-    return "blocked" if jax.default_backend() == "cpu" else "ragged"
+    """The grouped FFN for the target platform (the mesh's, not the host's: see sharding)."""
+    return "blocked" if target_platform() == "cpu" else "ragged"
 
 
 def grouped_ffn(x, weights, experts, w_gate, w_up, w_down, *, impl: str = "auto", block: int = 64):

@@ -248,7 +248,7 @@ def _run(exp, run_dir, cfg, mesh, rules, tokenizer, primary, overwrite_export) -
     previous_handler = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
     summary = {"run_dir": str(run_dir), "start_step": start, "unigram_baseline": baseline}
     log(f"unigram entropy of the training stream: {baseline:.3f} nats/token")
-    with activate(mesh, exp.mesh.rules, exp.mesh.context_layout):
+    with activate(mesh, exp.mesh.rules, exp.mesh.context_layout, exp.mesh.platform):
         try:
             t_last, step = time.perf_counter(), start
             pending = None  # (step, its bad-step counter), read one step late
