@@ -53,7 +53,20 @@ def read_marker(directory: str | os.PathLike) -> dict | None:
     except (OSError, ValueError):
         return None
     ok = isinstance(marker, dict) and isinstance(marker.get("kind"), str)
-    return marker if ok and isinstance(marker.get("files"), list) else None
+    if not ok or not isinstance(marker.get("files"), list):
+        return None
+    # The list decides what a replacement deletes: only plain relative paths inside the output
+    # count (an edited marker naming "../x" or "/x" must not reach outside it).
+    if not all(_inside_name(f) for f in marker["files"]):
+        return None
+    return marker
+
+
+def _inside_name(f) -> bool:
+    if not isinstance(f, str) or not f or f.startswith("/") or "\\" in f:
+        return False
+    parts = f.split("/")
+    return all(p not in ("", ".", "..") for p in parts)
 
 
 def check_output(
@@ -90,7 +103,13 @@ def output_dir(
         state = _inspect(real, shown, kind, overwrite, inputs)
         _commit(tmp, real, shown, state, set(files), overwrite)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if _holds_user_files(tmp):
+            rescued = tmp.with_name(tmp.name.replace(".tmp-", ".rescued-", 1))
+            os.rename(tmp, rescued)  # never delete what we did not write
+            print(f"qwenjax: warning: your files from {shown} are kept in {rescued}",
+                  file=sys.stderr)  # fmt: skip
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
         for d in reversed(created):  # parents this call made, innermost first, if still empty
             try:
                 d.rmdir()
@@ -182,8 +201,11 @@ def _fresh_sibling(real: Path, what: str, shown: Path, created: list[Path]) -> P
         except FileExistsError:
             continue
         except OSError as e:
-            for d in reversed(created):
-                shutil.rmtree(d, ignore_errors=True)
+            for d in reversed(created):  # only the parents this call made, only if empty
+                try:
+                    d.rmdir()
+                except OSError:
+                    break
             raise OutputError(f"output {shown} cannot be written: {e.strerror}") from None
     raise OutputError(f"output {shown}: no free temporary name beside it")
 
@@ -245,13 +267,23 @@ def _commit(tmp: Path, real: Path, shown: Path, state, new: set[str], overwrite:
             moved.append(f)
         old = _swap(tmp, real, shown, delete_old=False)
     except BaseException:
+        stuck = []
         for f in moved:  # give the user's files back before the temporary directory goes
             try:
                 os.rename(tmp / f, real / f)
             except OSError:
-                print(f"qwenjax: warning: {f} is left in {tmp}", file=sys.stderr)
+                stuck.append(f)
+        if stuck:  # output_dir keeps tmp (renamed .rescued-*) rather than deleting it
+            (tmp / _USER_FILES).write_text(json.dumps(stuck) + "\n")
         raise
     _remove_listed(old, ours | set(clashes))
+
+
+_USER_FILES = ".qwenjax-user-files.json"  # in a temporary directory: user files it still holds
+
+
+def _holds_user_files(tmp: Path) -> bool:
+    return (tmp / _USER_FILES).exists()
 
 
 def _swap(tmp: Path, real: Path, shown: Path, *, delete_old: bool = True) -> Path:
@@ -264,7 +296,13 @@ def _swap(tmp: Path, real: Path, shown: Path, *, delete_old: bool = True) -> Pat
     try:
         os.rename(tmp, real)
     except OSError as e:
-        os.rename(old, real)
+        try:
+            os.rename(old, real)
+        except OSError:
+            raise OutputError(
+                f"output {shown} cannot be written ({e.strerror}) and the previous one could not "
+                f"be put back: it is in {old}"
+            ) from None
         raise OutputError(f"output {shown} cannot be written: {e.strerror}") from None
     if delete_old:
         shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()

@@ -242,3 +242,43 @@ def test_tokenizer_files_survive_import_export_and_re_export(model, tmp_path, ca
         assert code == 0 and lines == [], lines
         assert {n: (out / n).read_bytes() for n in tok_bytes} == tok_bytes
     assert _snapshot(tmp_path / "hf") == _snapshot(hf)  # the source is untouched
+
+
+def _write(target: Path, files: dict[str, str]) -> None:
+    with output_dir(target, "report") as tmp:
+        for name, text in files.items():
+            (tmp / name).write_text(text)
+
+
+def test_a_marker_naming_paths_outside_the_output_deletes_nothing_there(tmp_path):
+    out, victim = tmp_path / "out", tmp_path / "victim.txt"
+    _write(out, {"a.txt": "1"})
+    victim.write_text("precious")
+    marker = json.loads((out / MARKER).read_text())
+    marker["files"] += ["../victim.txt", str(victim)]
+    (out / MARKER).write_text(json.dumps(marker))
+    assert read_marker(out) is None  # an edited marker is not trusted: the dir is foreign now
+    with pytest.raises(qwenjax.OutputError):
+        _write(out, {"a.txt": "2"})
+    assert victim.read_text() == "precious" and (out / "a.txt").read_text() == "1"
+
+
+def test_user_files_that_cannot_be_put_back_are_rescued_not_deleted(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    _write(out, {"a.txt": "1"})
+    (out / "mine.txt").write_text("user data")
+    real_rename = os.rename
+
+    def failing(src, dst):  # the swap fails, and so does every way back into `out`
+        if Path(dst).resolve() == out.resolve() or Path(dst).parent.resolve() == out.resolve():
+            if Path(src).name != "mine.txt" or ".tmp-" in str(src):
+                raise OSError(5, "Input/output error")
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(atomic.os, "rename", failing)
+    with pytest.raises(qwenjax.OutputError):
+        _write(out, {"a.txt": "2"})
+    monkeypatch.setattr(atomic.os, "rename", real_rename)
+    rescued = list(tmp_path.glob(".out.rescued-*"))
+    kept = [p for p in [out / "mine.txt", *(r / "mine.txt" for r in rescued)] if p.exists()]
+    assert [p.read_text() for p in kept] == ["user data"]

@@ -43,8 +43,7 @@ def _plan_cli(capsys, *args):
 def moe_v5p(tmp_path_factory):
     """Qwen3-MoE tiny on v5p-8 (v5p:2x2x1) through the CLI: (report, run dir)."""
     run_dir = tmp_path_factory.mktemp("plan") / "qwen3-moe-v5p"
-    code = cli_main(["plan", TINY, "--topology", "v5p-8", *_sets(SETS),
-                     "--run-dir", str(run_dir)])
+    code = cli_main(["plan", TINY, "--topology", "v5p-8", *_sets(SETS), "--run-dir", str(run_dir)])
     assert code == 0
     return json.loads((run_dir / "report.json").read_text()), run_dir
 
@@ -58,11 +57,18 @@ def moe35_v6e():
 
 
 def test_slice_names():
-    cases = {"v5p-8": ("v5p:2x2x1", 4, 4), "v5p-128": ("v5p:4x4x4", 64, 64),
-             "v5p-256": ("v5p:4x4x8", 128, 128), "v6e-4": ("v6e:2x2", 4, 4),
-             "v6e-256": ("v6e:16x16", 256, 256), "v5litepod-16": ("v5e:4x4", 16, 16),
-             "v5e-4": ("v5e:2x2", 4, 4), "v4-8": ("v4:2x2x1", 4, 4),
-             "tpu7x-8": ("tpu7x:2x2x1", 4, 8), "v5p:4x4x8": ("v5p:4x4x8", 128, 128)}
+    cases = {
+        "v5p-8": ("v5p:2x2x1", 4, 4),
+        "v5p-128": ("v5p:4x4x4", 64, 64),
+        "v5p-256": ("v5p:4x4x8", 128, 128),
+        "v6e-4": ("v6e:2x2", 4, 4),
+        "v6e-256": ("v6e:16x16", 256, 256),
+        "v5litepod-16": ("v5e:4x4", 16, 16),
+        "v5e-4": ("v5e:2x2", 4, 4),
+        "v4-8": ("v4:2x2x1", 4, 4),
+        "tpu7x-8": ("tpu7x:2x2x1", 4, 8),
+        "v5p:4x4x8": ("v5p:4x4x8", 128, 128),
+    }
     for name, (topology, chips, devices) in cases.items():
         s = parse_slice(name)
         assert (s.topology, s.chips, s.devices) == (topology, chips, devices), name
@@ -75,20 +81,31 @@ def test_report_fields_and_files(moe_v5p):
     report, run_dir = moe_v5p
     assert report["topology"] == "v5p:2x2x1" and report["chips"] == 4
     assert report["hbm_gib"] == 95 and report["fits"] is True
-    for key in ("peak_gib", "arguments_gib", "temporaries_gib", "model_flops_per_step",
-                "estimated_step_s", "estimated_mfu"):
+    for key in (
+        "peak_gib",
+        "arguments_gib",
+        "temporaries_gib",
+        "model_flops_per_step",
+        "estimated_step_s",
+        "estimated_mfu",
+    ):
         assert isinstance(report[key], float), key
     # the tiny model: ~2.6M parameters with fp32 AdamW is ~31 MB, split over 4 devices
     assert 0 < report["arguments_gib"] < 0.05 and 0 < report["peak_gib"] < 0.5
-    peak = (report["arguments_gib"] + report["temporaries_gib"] + report["outputs_gib"]
-            - report["aliased_gib"] + report["generated_code_gib"])
+    peak = (
+        report["arguments_gib"]
+        + report["temporaries_gib"]
+        + report["outputs_gib"]
+        - report["aliased_gib"]
+        + report["generated_code_gib"]
+    )
     assert abs(peak - report["peak_gib"]) < 0.005
     assert 0 < report["estimated_mfu"] <= 1 and report["estimated_step_s"] > 0
     # 6 x active params x tokens: 2 layers of (attention 4*128*128*... ) checked by bounds: the
     # active matmul parameters of qwen3-moe-tiny at 2 layers are ~0.3M, tokens 8 x 32 = 256
     assert 6 * 0.2e6 * 256 < report["model_flops_per_step"] < 6 * 0.5e6 * 256
     for kind, c in report["collectives"].items():
-        assert set(c) == {"count", "bytes", "static_bytes", "in_loops"}, kind
+        assert set(c) == {"count", "bytes", "static_bytes", "in_loops", "wire_bytes"}, kind
         assert c["bytes"] >= c["static_bytes"] > 0 and c["count"] >= c["in_loops"]
     assert isinstance(report["custom_calls"], dict)
     hlo = (run_dir / "train_step.hlo.txt").read_text()
@@ -126,8 +143,9 @@ def test_cpu_platform_takes_blocked_path():
     for platform, ragged in (("cpu", False), ("tpu", True)):
         exp = load_experiment(TINY, SETS + [f"mesh.platform={platform}"])
         mesh = plan_run._mesh(exp, tpu)
-        lowered, _ = build.lower_train_step(exp, exp.model_config(), mesh,
-                                            check_rules(exp.mesh.rules))
+        lowered, _ = build.lower_train_step(
+            exp, exp.model_config(), mesh, check_rules(exp.mesh.rules)
+        )
         text = lowered.as_text()
         assert ("ragged_dot" in text) == ragged, platform
         assert ("ragged_all_to_all" in text) == ragged, platform
@@ -149,15 +167,28 @@ def test_cli_errors_one_line(capsys):
     code, out, err = _plan_cli(capsys, "--topology", "v5p-32", "--set", "mesh.expert=4")
     assert code == 2 and err.count("\n") == 1 and "has 16" in err and "data=2 x expert=4" in err
     with pytest.raises(MeshError):
-        plan_run._mesh(load_experiment(TINY, ["mesh.data=1", "mesh.expert=8"]),
-                       parse_slice("v6e-4"))
+        plan_run._mesh(
+            load_experiment(TINY, ["mesh.data=1", "mesh.expert=8"]), parse_slice("v6e-4")
+        )
 
 
 def test_cli_step_does_not_fit(capsys, tmp_path):
     """An enormous batch: XLA:TPU itself refuses the program; exit 2, one line."""
-    code, out, err = _plan_cli(capsys, "--topology", "v5p-8", "--set", "mesh.data=1",
-                               "--set", "mesh.expert=4", "--set", "batch_size=16384",
-                               "--set", "data.seq_len=4096", "--run-dir", str(tmp_path / "p"))
+    code, out, err = _plan_cli(
+        capsys,
+        "--topology",
+        "v5p-8",
+        "--set",
+        "mesh.data=1",
+        "--set",
+        "mesh.expert=4",
+        "--set",
+        "batch_size=16384",
+        "--set",
+        "data.seq_len=4096",
+        "--run-dir",
+        str(tmp_path / "p"),
+    )
     assert code == 2 and err.strip().count("\n") == 0, err
     assert "does not fit v5p-8" in err and "largest buffers:" in err
     report = json.loads(out.strip().splitlines()[-1])
@@ -171,10 +202,36 @@ def test_launch_preflight_refuses(capsys):
     import launch_tpu
 
     sets = SETS + ["batch_size=16384", "data.seq_len=4096"]
-    code = launch_tpu.main([TINY, "--name", "t", "--tpu", "v5p-8", "--zone", "z", "--project",
-                            "p", "--run-dir", "gs://b/r", "--dry-run",
-                            *_sets(sets)])
+    code = launch_tpu.main(
+        [
+            TINY,
+            "--name",
+            "t",
+            "--tpu",
+            "v5p-8",
+            "--zone",
+            "z",
+            "--project",
+            "p",
+            "--run-dir",
+            "gs://b/r",
+            "--dry-run",
+            *_sets(sets),
+        ]
+    )
     out, err = capsys.readouterr()
     assert code == 2 and "gcloud" not in out
     assert err.strip().splitlines()[-1].startswith("launch_tpu: error:")
     assert "does not fit v5p-8" in err
+
+
+def test_collective_group_sizes_in_each_hlo_spelling():
+    from qwenjax.plan.hlo import group_size
+
+    assert group_size("all-reduce(x), replica_groups={{0,1,2,3},{4,5,6,7}}, to_apply") == 4
+    line = (
+        "all-gather(x), replica_groups=mesh['axis_0'=4,'axis_1'=2,'axis_2'=1] {'axis_0','axis_1'}"
+    )
+    assert group_size(line) == 8
+    assert group_size("reduce-scatter(x), replica_groups=[2,4]<=[8], dimensions={0}") == 4
+    assert group_size("collective-permute(x), source_target_pairs={{0,1}}") == 1

@@ -30,12 +30,12 @@ sys.path[:0] = [os.path.join(HERE, ".."), HERE]
 import jax
 import jax.numpy as jnp
 import numpy as np
-from qwenjax.plan.hlo import collectives
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from qwenjax.ops.expert_parallel import expert_parallel_ffn
 from qwenjax.ops.moe_dispatch import grouped_ffn, route
+from qwenjax.plan.hlo import collectives
 from qwenjax.sharding import make_mesh
 
 

@@ -142,7 +142,7 @@ def topology_devices(tpu: Slice) -> list:
         devices = topologies.get_topology_desc(
             platform="tpu", topology_name=tpu.topology, **extra
         ).devices
-    except Exception as e:  # libtpu's RuntimeError / JaxRuntimeError: say which slice, one line
+    except Exception as e:  # noqa: BLE001 -- libtpu's RuntimeError / JaxRuntimeError: say which slice, one line
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise PlanError(f"--topology {tpu.name!r} ({tpu.topology}): libtpu refused it: {first}")
     if len(devices) != tpu.devices:

@@ -77,7 +77,9 @@ def roofline(tpu: Slice, flops: float, arguments: int, temporaries: int, colls: 
     per_chip = chip.devices_per_chip
     compute = flops / (tpu.chips * chip.peak_flops)
     hbm = (3 * arguments + 2 * temporaries) * per_chip / chip.hbm_bw
-    ici_bytes = sum(c["bytes"] * (2 if kind == "all-reduce" else 1) for kind, c in colls.items())
+    # wire bytes: an all-reduce moves ~2x its size, a reduce-scatter ~its whole operand (N x
+    # the part it keeps), gathers and all-to-alls ~their result (qwenjax/plan/hlo.py).
+    ici_bytes = sum(c.get("wire_bytes", c["bytes"]) for c in colls.values())
     ici = ici_bytes * per_chip / chip.ici_bw
     step = max(compute, hbm, ici, 1e-12)
     return {

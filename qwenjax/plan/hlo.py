@@ -10,12 +10,35 @@ the text, each op counted once. Async pairs count once (the `-start`, never the 
 from __future__ import annotations
 
 import base64
+import math
 import re
 
-KINDS = ("all-to-all", "ragged-all-to-all", "all-gather", "all-reduce", "reduce-scatter",
-         "collective-permute")
-_BYTES = {"f64": 8, "s64": 8, "u64": 8, "c64": 8, "f32": 4, "s32": 4, "u32": 4, "bf16": 2,
-          "f16": 2, "s16": 2, "u16": 2, "s8": 1, "u8": 1, "pred": 1, "f8e4m3fn": 1, "f8e5m2": 1}
+KINDS = (
+    "all-to-all",
+    "ragged-all-to-all",
+    "all-gather",
+    "all-reduce",
+    "reduce-scatter",
+    "collective-permute",
+)
+_BYTES = {
+    "f64": 8,
+    "s64": 8,
+    "u64": 8,
+    "c64": 8,
+    "f32": 4,
+    "s32": 4,
+    "u32": 4,
+    "bf16": 2,
+    "f16": 2,
+    "s16": 2,
+    "u16": 2,
+    "s8": 1,
+    "u8": 1,
+    "pred": 1,
+    "f8e4m3fn": 1,
+    "f8e5m2": 1,
+}
 _OP = re.compile(r"=\s*(\(.*?\)|\S+)\s+(" + "|".join(KINDS) + r")(?:-start)?\(")
 _SHAPE = re.compile(r"\b([a-z]\w*)\[([\d,]*)\]")
 _HEADER = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s*\(.*\)\s*->\s*.*\{\s*$")
@@ -25,6 +48,21 @@ _CALLS = re.compile(
 )
 _CONST = re.compile(r"\bs32\[\]\S*\s+constant\((\d+)\)")
 _GROUP = re.compile(r"replica_groups=\{\{([\d,]+)\}")
+_MESH_GROUP = re.compile(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}")
+_IOTA_GROUP = re.compile(r"replica_groups=\[\d+,(\d+)\]<=")
+
+
+def group_size(line: str) -> int:
+    """Devices in one replica group of a collective, in any of XLA's three spellings:
+    {{0,1,2,3},...}, mesh['a'=4,'b'=2] {'a'} (the named axes), or iota [G,S]<=[N]."""
+    if m := _GROUP.search(line):
+        return len(m.group(1).split(","))
+    if m := _MESH_GROUP.search(line):
+        sizes = dict(re.findall(r"'([^']+)'=(\d+)", m.group(1)))
+        return math.prod(int(sizes.get(a, 1)) for a in re.findall(r"'([^']+)'", m.group(2)))
+    if m := _IOTA_GROUP.search(line):
+        return int(m.group(1))
+    return 1
 
 
 def shape_bytes(text: str) -> int:
@@ -102,15 +140,22 @@ def collectives(hlo_text: str) -> dict:
             if not m:
                 continue
             b, kind = shape_bytes(m.group(1)), m.group(2)
+            n = group_size(line)
+            wire = b  # bytes a device moves over ICI, about (ring algorithms)
             if kind == "all-reduce" and name.startswith("all-reduce-scatter"):
-                group = _GROUP.search(line)
                 kind = "reduce-scatter"
-                b //= len(group.group(1).split(",")) if group else 1
-            e = out.setdefault(kind,
-                               {"count": 0, "bytes": 0, "static_bytes": 0, "in_loops": 0})
+                b //= n  # the device's part; the whole operand still crosses the ring
+            elif kind == "reduce-scatter":
+                wire = b * n
+            elif kind == "all-reduce":
+                wire = 2 * b
+            e = out.setdefault(
+                kind, {"count": 0, "bytes": 0, "static_bytes": 0, "in_loops": 0, "wire_bytes": 0}
+            )
             e["count"] += 1
             e["static_bytes"] += b
             e["bytes"] += b * mult.get(name, 1)
+            e["wire_bytes"] += wire * mult.get(name, 1)
             e["in_loops"] += int(looped.get(name, False))
     return out
 
@@ -158,8 +203,11 @@ def largest_buffers(hlo_text: str, n: int = 5) -> list[tuple[int, str, str]]:
     found = []
     for line in hlo_text.splitlines():
         m = _INSTR.match(line)
-        if not m or m.group(2).startswith("(") or m.group(3) in ("parameter", "get-tuple-element",
-                                                                   "bitcast", "tuple"):
+        if (
+            not m
+            or m.group(2).startswith("(")
+            or m.group(3) in ("parameter", "get-tuple-element", "bitcast", "tuple")
+        ):
             continue
         found.append((shape_bytes(m.group(2)), m.group(1), re.sub(r"\{.*", "", m.group(2))))
     found.sort(reverse=True)

@@ -212,33 +212,33 @@ def format_table(report: dict) -> str:
     """The human-readable part of the output."""
     g = lambda v: "-" if v is None else f"{v:.2f}"
     rows = [
-        ("slice", f"{report['slice']} = {report['topology']}, {report['chips']} chips, "
-                  f"{report['devices']} devices, {report['hbm_gib']} GiB HBM per chip"),
-        ("model", f"{report['model']}  mesh {report['mesh']}  batch {report['batch_size']} x "
+        ("slice", (f"{report['slice']} = {report['topology']}, {report['chips']} chips, "
+                  f"{report['devices']} devices, {report['hbm_gib']} GiB HBM per chip")),
+        ("model", (f"{report['model']}  mesh {report['mesh']}  batch {report['batch_size']} x "
                   f"{report['seq_len']} ({report['per_chip_batch']} per chip, grad_accum "
-                  f"{report['grad_accum']})"),
-        ("peak / device", f"{g(report['peak_gib'])} GiB of {report['hbm_gib_per_device']} "
-                          f"GiB: {'fits' if report['fits'] else 'DOES NOT FIT'}"),
+                  f"{report['grad_accum']})")),
+        ("peak / device", (f"{g(report['peak_gib'])} GiB of {report['hbm_gib_per_device']} "
+                          f"GiB: {'fits' if report['fits'] else 'DOES NOT FIT'}")),
         ("arguments", f"{g(report.get('arguments_gib'))} GiB"),
         ("temporaries", f"{g(report.get('temporaries_gib'))} GiB"),
     ]
     for kind, c in sorted(report.get("collectives", {}).items()):
-        rows.append((kind, f"{c['count']} ops ({c['in_loops']} in loops), "
-                           f"{c['bytes'] / 1e9:.3f} GB per device per step"))
+        rows.append((kind, (f"{c['count']} ops ({c['in_loops']} in loops), "
+                           f"{c['bytes'] / 1e9:.3f} GB per device per step")))
     if "estimated_step_s" in report:
         rows.append(("model FLOPs", f"{report['model_flops_per_step']:.3e} per step"))
-        rows.append(("estimate", f"step >= {report['estimated_step_s']:.4g} s (compute "
+        rows.append(("estimate", (f"step >= {report['estimated_step_s']:.4g} s (compute "
                                  f"{report['compute_s']:.3g}, HBM {report['hbm_s']:.3g}, ICI "
                                  f"{report['ici_s']:.3g}); MFU <= "
-                                 f"{100 * report['estimated_mfu']:.1f}% (roofline estimate)"))
+                                 f"{100 * report['estimated_mfu']:.1f}% (roofline estimate)")))
     kernels = [k for k in report.get("custom_calls", {}) if k.startswith("tpu_custom_call")]
     rows.append(("kernels", ", ".join(kernels) or "none"))
     for length, row in report.get("infer", {}).items():
-        rows.append((f"infer {length}", f"prefill {g(row['prefill_peak_gib'])} GiB, decode "
-                                        f"{g(row['decode_peak_gib'])} GiB (batch {row['batch']})"))
+        rows.append((f"infer {length}", (f"prefill {g(row['prefill_peak_gib'])} GiB, decode "
+                                        f"{g(row['decode_peak_gib'])} GiB (batch {row['batch']})")))
     if "search" in report:
-        rows.append(("search batch", f"largest per-chip batch that fits: "
-                                     f"{report['search']['per_chip_batch']}"))
+        rows.append(("search batch", (f"largest per-chip batch that fits: "
+                                     f"{report['search']['per_chip_batch']}")))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 

@@ -154,7 +154,12 @@ class RunCheckpointer:
                         ),
                     )
             except Exception as e:  # noqa: BLE001 - any failure means "this step is unusable"
-                reason = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+                if not _looks_damaged(e):  # out of memory, no permission: the step may be fine
+                    raise CheckpointError(
+                        f"{self.directory}/{step} could not be restored and was left in place: "
+                        f"{type(e).__name__}: {_first_line(e)}"
+                    ) from None
+                reason = f"{type(e).__name__}: {_first_line(e)}"
             if _everyone(reason is None):
                 return step, _from_pure(abstract_state, restored["state"]), dict(restored["data"])
             moved = self._set_aside(step)
@@ -167,15 +172,23 @@ class RunCheckpointer:
         """Rename the step's directory to damaged/<step>-<UTC time> (process 0 does it)."""
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
         dest = self.directory / "damaged" / f"{step}-{stamp}"
+        failed = ""
         if jax.process_index() == 0:
-            dest.parent.mkdir(exist_ok=True)
-            n = 1
-            while dest.exists():
-                n += 1
-                dest = dest.with_name(f"{step}-{stamp}-{n}")
-            os.rename(self.directory / str(step), dest)
-        if jax.process_count() > 1:
-            multihost_utils.sync_global_devices(f"qwenjax: step {step} set aside")
+            try:
+                dest.parent.mkdir(exist_ok=True)
+                n = 1
+                while dest.exists():
+                    n += 1
+                    dest = dest.with_name(f"{step}-{stamp}-{n}")
+                os.rename(self.directory / str(step), dest)
+            except OSError as e:
+                failed = e.strerror or str(e)
+        # every host learns whether process 0 managed (no host waits on one that gave up)
+        if not _everyone(not failed):
+            raise CheckpointError(
+                f"checkpoint step {step} in {self.directory} cannot be restored nor moved aside"
+                f"{': ' + failed if failed else ' (on process 0)'}"
+            )
         self.manager.reload()  # forget the step, so saving that number again is a new save
         return dest
 
@@ -213,6 +226,19 @@ def tree_shapes(tree) -> dict[str, tuple]:
             (tuple(x.shape), str(np.dtype(x.dtype)))
         for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]
     }
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).splitlines()[0][:160] if str(e) else ""
+
+
+def _looks_damaged(e: BaseException) -> bool:
+    """A restore failure that says the step's files are bad, not that this machine could not
+    read them now (out of memory, permissions): only the former moves a step aside."""
+    if isinstance(e, (MemoryError, PermissionError)):
+        return False
+    text = str(e)
+    return not any(s in text for s in ("RESOURCE_EXHAUSTED", "Out of memory", "Permission denied"))
 
 
 def _everyone(ok: bool) -> bool:

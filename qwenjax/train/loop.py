@@ -124,12 +124,26 @@ class RunDirUndo:
     def revert(self) -> None:
         if _steps_on_disk(self.run_dir / "checkpoints") or not self.run_dir.is_dir():
             return
-        if not self.existed:
-            shutil.rmtree(self.run_dir, ignore_errors=True)
-            return
+        # Only entries that appeared during this command and are a training run's own (another
+        # command, e.g. `qwenjax plan` writing runs/NAME/plan, may have added its own meanwhile).
         for name in set(os.listdir(self.run_dir)) - self.before:
+            if not _is_run_entry(name):
+                continue
             path = self.run_dir / name
             shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink()
+        if not self.existed:
+            try:
+                self.run_dir.rmdir()  # only if nothing else is left in it
+            except OSError:
+                pass
+
+
+def _is_run_entry(name: str) -> bool:
+    """What `train` writes at the top of a run directory (config, metrics, checkpoints, the
+    tokenizer, TensorBoard, the export, and their temporary files)."""
+    return name in ("tokenizer", "tensorboard", "checkpoints", "hf") or name.startswith(
+        ("config.yaml", "metrics.", ".metrics.", ".hf.")
+    )
 
 
 def _micro_batches(arrays: dict, grad_accum: int, sharding, context: int = 1,

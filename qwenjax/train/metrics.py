@@ -74,13 +74,20 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
 
 def drop_rows_after(path: Path, step: int) -> int:
     """Keep only the rows of `path` with step <= `step` (the run resumes after it); the file is
-    replaced atomically, and only if something goes. -> rows dropped."""
+    replaced atomically, and only if something goes. The dropped lines are appended to
+    `metrics.replaced.jsonl` beside it (a run that fell back past damaged checkpoints keeps
+    the history it replays). -> rows dropped."""
     if not path.exists():
         return 0
     lines = path.read_text().splitlines()
-    kept = [json.dumps(r) for r in _parse(lines) if r["step"] <= step]
+    rows = _parse(lines)
+    kept = [json.dumps(r) for r in rows if r["step"] <= step]
     if len(kept) == len(lines):
         return 0
+    dropped = [json.dumps(r) for r in rows if r["step"] > step]
+    if dropped:
+        with open(path.with_name("metrics.replaced.jsonl"), "a") as f:
+            f.write("".join(line + "\n" for line in dropped))
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text("".join(line + "\n" for line in kept))
     os.replace(tmp, path)
