@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from qwenjax.model.transformer import CausalLM, router_losses
+from qwenjax.sharding import constrain
 
 F32 = jnp.float32
 
@@ -29,23 +30,34 @@ class Batch(NamedTuple):
 
 
 def chunked_cross_entropy(hidden, head, targets, mask, chunk: int = 2048):
-    """Sum of -log p(target) over masked tokens, and the count. hidden [N,D], head [D,V]."""
-    N, D = hidden.shape
+    """Sum of -log p(target) over masked tokens, and the count. hidden [N,D], head [D,V].
+
+    Sharding: N is split over the batch (and context) devices. Chunk j takes rows j, j + n,
+    j + 2n ... (n chunks), so every chunk keeps N's split and each device works on its own rows
+    only; cutting N into consecutive blocks instead made every chunk live on one device group
+    and GSPMD replicate the loop (qwen3-0.6b, fsdp=4, v5p: 16 chunk steps each all-reducing two
+    fp32 [2048, 151936] logit blocks, 39.8 GB per device per step). The head is gathered over
+    its D split once (FSDP), so the logits are never a partial sum to all-reduce.
+    """
+    N = hidden.shape[0]
     C = min(chunk, N)
     pad = -N % C
+    n = (N + pad) // C
     hidden = jnp.pad(hidden, ((0, pad), (0, 0)))
     targets = jnp.pad(targets, (0, pad))
     mask = jnp.pad(mask.astype(F32), (0, pad))
+    head = constrain(head.astype(hidden.dtype), (None, "vocab"))
 
     @jax.checkpoint
     def one(args):
         h, t, m = args
-        logits = jnp.dot(h, head.astype(h.dtype), preferred_element_type=F32)  # [C,V]
+        logits = jnp.dot(h, head, preferred_element_type=F32)  # [C,V]
         lse = jax.nn.logsumexp(logits, axis=-1)
         picked = jnp.take_along_axis(logits, t[:, None], axis=-1)[:, 0]
         return jnp.sum((lse - picked) * m)
 
-    chunks = (hidden.reshape(-1, C, D), targets.reshape(-1, C), mask.reshape(-1, C))
+    strided = lambda x: jnp.swapaxes(x.reshape(C, n, *x.shape[1:]), 0, 1)  # [n, C, ...]
+    chunks = (strided(hidden), strided(targets), strided(mask))
     return jnp.sum(jax.lax.map(one, chunks)), jnp.sum(mask)
 
 
