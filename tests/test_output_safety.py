@@ -270,9 +270,9 @@ def test_user_files_that_cannot_be_put_back_are_rescued_not_deleted(tmp_path, mo
     real_rename = os.rename
 
     def failing(src, dst):  # the swap fails, and so does every way back into `out`
-        if Path(dst).resolve() == out.resolve() or Path(dst).parent.resolve() == out.resolve():
-            if Path(src).name != "mine.txt" or ".tmp-" in str(src):
-                raise OSError(5, "Input/output error")
+        into_out = out.resolve() in (Path(dst).resolve(), Path(dst).parent.resolve())
+        if into_out and (Path(src).name != "mine.txt" or ".tmp-" in str(src)):
+            raise OSError(5, "Input/output error")
         return real_rename(src, dst)
 
     monkeypatch.setattr(atomic.os, "rename", failing)

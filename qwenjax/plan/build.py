@@ -26,7 +26,7 @@ from qwenjax.model.partition import abstract_model, variable_sharding
 from qwenjax.sharding import activate, logical_to_spec
 from qwenjax.train.loss import Batch
 from qwenjax.train.optimizer import make_optimizer
-from qwenjax.train.step import TrainState, make_train_step
+from qwenjax.train.step import TrainState, batch_sharding, make_train_step
 
 
 def _is_var(x) -> bool:
@@ -67,19 +67,12 @@ def abstract_train_state(exp: ExperimentConfig, cfg: ModelConfig, mesh: Mesh, ru
     return graphdef, tx, TrainState(params, opt_state, scalar, scalar, scalar)
 
 
-def batch_sharding(exp: ExperimentConfig, mesh: Mesh, rules: dict) -> NamedSharding:
-    """[A, B/A, T] micro-batches: rows over the batch axes, tokens over `context`."""
-    batch_axes = logical_to_spec(("batch",), rules, mesh)[0]
-    length = "context" if mesh.shape["context"] > 1 else None
-    return NamedSharding(mesh, PartitionSpec(None, batch_axes, length))
-
-
 def lower_train_step(exp: ExperimentConfig, cfg: ModelConfig, mesh: Mesh, rules: dict):
     """-> (lowered step, abstract state). Batch: exp.batch_size rows of exp.data.seq_len tokens
     in exp.grad_accum micro-batches."""
     graphdef, tx, state = abstract_train_state(exp, cfg, mesh, rules)
     state_sharding = jax.tree.map(lambda x: x.sharding, state)
-    sharding = batch_sharding(exp, mesh, rules)
+    sharding = batch_sharding(mesh, rules)
     A, T = exp.grad_accum, exp.data.seq_len
     shape = (A, exp.batch_size // A, T)
     batch = Batch(*(jax.ShapeDtypeStruct(shape, dt, sharding=sharding)

@@ -36,7 +36,7 @@ from qwenjax.errors import ConfigError, QwenJaxError
 from qwenjax.experiment import ExperimentConfig, dump_experiment
 from qwenjax.model.partition import abstract_model, init_sharded
 from qwenjax.ops.context_layout import to_layout
-from qwenjax.sharding import activate, check_rules, logical_to_spec, make_mesh
+from qwenjax.sharding import activate, check_rules, make_mesh, mesh_platform
 from qwenjax.train.checkpoint import (
     RunCheckpointer,
     checkpoint_params_shapes,
@@ -48,6 +48,7 @@ from qwenjax.train.data_setup import build_dataset, build_tokenizer
 from qwenjax.train.loss import Batch
 from qwenjax.train.metrics import MetricsWriter, flops_per_token, measure_peak_flops
 from qwenjax.train.optimizer import learning_rate, make_optimizer
+from qwenjax.train.step import batch_sharding as train_batch_sharding
 from qwenjax.train.step import init_train_state, make_train_step
 
 
@@ -226,9 +227,7 @@ def _run(exp, run_dir, cfg, mesh, rules, tokenizer, primary, overwrite_export) -
         lambda x: x if isinstance(x.sharding, NamedSharding) else jax.device_put(x, replicated), state
     )
     state_sharding = jax.tree.map(lambda x: x.sharding, state)
-    batch_axes = logical_to_spec(("batch",), rules, mesh)[0]
-    length_axis = "context" if exp.mesh.context > 1 else None
-    batch_sharding = NamedSharding(mesh, PartitionSpec(None, batch_axes, length_axis))
+    batch_sharding = train_batch_sharding(mesh, rules)
 
     ckpt = RunCheckpointer(run_dir / "checkpoints", keep=exp.checkpoint.keep,
                            async_save=exp.checkpoint.async_save)
@@ -255,7 +254,7 @@ def _run(exp, run_dir, cfg, mesh, rules, tokenizer, primary, overwrite_export) -
     schedule = learning_rate(exp.optimizer, exp.steps)
     flops_tok = flops_per_token(cfg, exp.data.seq_len)
     # Simulated CPU devices share the host's cores: their peak is one measurement, not N.
-    peak = measure_peak_flops() * (1 if jax.default_backend() == "cpu" else jax.device_count())
+    peak = measure_peak_flops() * (1 if mesh_platform(mesh) == "cpu" else mesh.size)
     writer = MetricsWriter(run_dir, exp.steps, start_step=start) if primary else None
 
     stop = {"signal": None}

@@ -17,8 +17,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from qwenjax.model.transformer import CausalLM
+from qwenjax.sharding import logical_to_spec
 from qwenjax.train.loss import Batch, loss_fn
 
 
@@ -28,6 +30,13 @@ class TrainState(NamedTuple):
     step: jax.Array  # int32: optimizer steps taken (skipped steps included)
     bad_steps: jax.Array  # int32: consecutive non-finite steps
     skipped: jax.Array  # int32: non-finite steps in the whole run
+
+
+def batch_sharding(mesh: Mesh, rules: dict | None) -> NamedSharding:
+    """[A, B/A, T] micro-batches: rows over the batch axes, tokens over `context`."""
+    length = "context" if mesh.shape["context"] > 1 else None
+    return NamedSharding(mesh, PartitionSpec(None, logical_to_spec(("batch",), rules, mesh)[0],
+                                             length))  # fmt: skip
 
 
 def split_model(model: CausalLM):
