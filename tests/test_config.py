@@ -16,6 +16,7 @@ PUBLISHED = {
     "qwen3-235b-a22b": (235e9, 22e9),
     "qwen3-next-80b-a3b": (80e9, 3e9),
     "qwen3.5-35b-a3b": (35e9, 3e9),
+    "qwen3.5-397b-a17b": (397e9, 17e9),
     "qwen3.6-27b": (27e9, 27e9),
 }
 # Hybrid releases publish only a rounded activated figure ("A3B"); ours, with embeddings, is
