@@ -20,11 +20,12 @@ from qwenjax.errors import (
 from qwenjax.hf.convert import from_pretrained, save_pretrained
 from qwenjax.infer.generate import generate
 from qwenjax.model.transformer import CausalLM, init_model, parameter_counts
+from qwenjax.runtime import RuntimeConfig
 from qwenjax.sharding import make_mesh
 
 __all__ = [
     "CausalLM", "CheckpointError", "ConfigError", "ConversionError", "GenerationError", "MeshError",
     "ModelConfig", "OutputError",
-    "QwenJaxError", "RopeConfig", "from_pretrained", "generate", "init_model", "load_preset", "make_mesh",
+    "QwenJaxError", "RopeConfig", "RuntimeConfig", "from_pretrained", "generate", "init_model", "load_preset", "make_mesh",
     "parameter_counts", "save_pretrained",
 ]

@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+from qwenjax.runtime import RuntimeConfig
+
 
 def _mesh_arg(text: str | None):
     if not text:
@@ -67,7 +69,7 @@ def cmd_import_hf(args) -> None:
     mesh = _mesh_arg(args.mesh)
     check_output(args.ckpt_dir, "params", overwrite=args.overwrite, inputs=[args.hf_dir])
     model = from_pretrained(
-        args.hf_dir, dtype=args.dtype, param_dtype=args.param_dtype, mesh=mesh, progress=True,
+        args.hf_dir, runtime=RuntimeConfig(param_dtype=args.param_dtype), mesh=mesh, progress=True,
     )
     print(f"loaded {args.hf_dir} in {time.time() - t0:.1f}s; writing {args.ckpt_dir}", file=sys.stderr)
     save_params(model, args.ckpt_dir, overwrite=args.overwrite, inputs=[args.hf_dir],
@@ -112,7 +114,9 @@ def cmd_generate(args) -> None:
     if not args.prompt and not args.chat:
         raise GenerationError("--prompt is empty; give at least one character")
     mesh = _mesh_arg(args.mesh)
-    model, tokenizer = load_for_inference(args.hf, args.checkpoint, dtype=args.dtype, mesh=mesh)
+    model, tokenizer = load_for_inference(
+        args.hf, args.checkpoint, runtime=RuntimeConfig(dtype=args.dtype), mesh=mesh
+    )
     if tokenizer is None:
         raise ConfigError(f"no tokenizer.json in {args.hf or args.checkpoint}")
     if args.chat:
@@ -205,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mesh", help="e.g. context=8 (long prompts) or fsdp=2,expert=4")
-    p.add_argument("--dtype", default="float32")
+    p.add_argument("--dtype", default="float32", help="compute dtype (runtime.dtype)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("plan", help="compile the train step for a TPU slice: fits? collectives?")
@@ -223,8 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("import-hf", help="Hugging Face directory -> Orbax parameter checkpoint")
     p.add_argument("hf_dir")
     p.add_argument("ckpt_dir")
-    p.add_argument("--dtype", default="float32", help="compute dtype recorded with the model")
-    p.add_argument("--param-dtype", default="float32")
+    p.add_argument("--param-dtype", default="float32", help="dtype the parameters are stored in")
     p.add_argument("--mesh", help="load sharded, e.g. fsdp=2,expert=4 (default: one device)")
     p.add_argument("--overwrite", action="store_true", help=_OVERWRITE)
     p.set_defaults(func=cmd_import_hf)

@@ -22,13 +22,12 @@ from typing import Any
 import yaml
 
 from qwenjax.errors import ConfigError
+from qwenjax.runtime import RUNTIME_KEYS, RuntimeConfig
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs" / "models"
 
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn")
 ATTENTION_TYPES = ("full_attention", "linear_attention")
-DTYPES = ("float32", "bfloat16", "float16")
-REMAT_MODES = ("full", "outputs", "dots", "none")  # see REMAT_POLICIES in model/transformer.py
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -122,16 +121,11 @@ class ModelConfig:
     linear_conv_kernel_dim: int = 4
     attention_output_gate: bool = False  # q_proj also yields a per-head sigmoid gate on the output
     norm_zero_centered: bool = False  # RMSNorm scales by (1 + w), computed in fp32
-    # Runtime, not architecture: compute dtype and parameter dtype.
-    dtype: str = "float32"
-    param_dtype: str = "float32"
-    remat: str = "full"  # layer rematerialisation, one of REMAT_MODES
-    attn_block: int = 128  # query/key block of blockwise attention (fastest fwd+bwd on CPU)
-    # 0 = dropless experts; > 0 = each expert takes at most ceil(f * rows / E) rows per device
-    # (the rest are dropped and counted in the `dropped_fraction` metric).
-    moe_capacity_factor: float = 0.0
     # JSON of HF config keys we carry but do not use (token ids, stored dtype, ...).
     hf_extra: str = "{}"
+    # How it runs (dtypes, remat, kernels: qwenjax/runtime.py), not what it is: never saved or
+    # exported. It takes part in == and hash, since a model's graph (and so jit's cache) holds it.
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim"):
@@ -141,13 +135,6 @@ class ModelConfig:
             raise ConfigError(
                 f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
             )
-        if self.remat not in REMAT_MODES:
-            raise ConfigError(f"remat {self.remat!r} is not one of {REMAT_MODES}")
-        for name in ("dtype", "param_dtype"):
-            if getattr(self, name) not in DTYPES:
-                raise ConfigError(f"{name} {getattr(self, name)!r} is not one of {DTYPES}")
-        if self.moe_capacity_factor < 0:
-            raise ConfigError(f"moe_capacity_factor must be >= 0, got {self.moe_capacity_factor}")
         if self.num_experts:
             if not 0 < self.num_experts_per_tok <= self.num_experts:
                 raise ConfigError(
@@ -217,11 +204,22 @@ class ModelConfig:
     def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)
 
+    def with_runtime(self, runtime: RuntimeConfig | None = None, **changes: Any) -> ModelConfig:
+        """This architecture run with `runtime` (default: the current one), changed by `changes`,
+        e.g. `cfg.with_runtime(dtype="bfloat16")`."""
+        return self.replace(runtime=(runtime or self.runtime).replace(**changes))
+
     # ---- dict / YAML ----
     @classmethod
     def from_dict(cls, d: dict[str, Any], *, source: str = "model config") -> ModelConfig:
         d = dict(d)
         rope = d.pop("rope", None)
+        moved = sorted(set(d) & RUNTIME_KEYS)
+        if moved:
+            raise ConfigError(
+                f"{source}: {', '.join(moved)} describe how the model runs, not the architecture; "
+                f"set them under runtime: in the experiment (runtime.{moved[0]})"
+            )
         _check_keys(d, cls, source, skip={"rope"})
         if rope is not None:
             if not isinstance(rope, dict):
@@ -239,7 +237,9 @@ class ModelConfig:
         return cls(**d)
 
     def to_dict(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
+        """The architecture (what presets and checkpoints hold); the runtime is left out."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "runtime"}
+        out["rope"] = dataclasses.asdict(self.rope)
         out["mlp_only_layers"] = list(self.mlp_only_layers)
         out["layer_types"] = list(self.layer_types)
         return out

@@ -17,9 +17,13 @@ from typing import Any
 
 import yaml
 
-from qwenjax.config import DTYPES, REMAT_MODES, ModelConfig, load_preset
+from qwenjax.config import ModelConfig, load_preset
 from qwenjax.errors import ConfigError
 from qwenjax.ops.context_layout import check_divisible
+from qwenjax.runtime import RUNTIME_KEYS, RuntimeConfig
+
+# Keys that moved into `runtime:` (older experiment files and run dirs spell them so).
+MOVED_TO_RUNTIME = {**{k: k for k in RUNTIME_KEYS}, "mesh.platform": "platform"}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -32,14 +36,8 @@ class MeshConfig:
     # Token layout over `context` (qwenjax/ops/context_layout.py): zigzag balances causal work.
     context_layout: str = "zigzag"
     rules: dict[str, Any] = field(default_factory=dict)  # logical axis -> mesh axes overrides
-    # Which kernels to build for (MoE grouped matmul, expert exchange, attention): "auto" reads
-    # the platform of the mesh's devices (TPU devices compiled for from a CPU host say "tpu");
-    # "cpu" / "gpu" / "tpu" force it. Never the host's `jax.default_backend()`.
-    platform: str = "auto"
 
     def __post_init__(self):
-        if self.platform not in ("auto", "cpu", "gpu", "tpu"):
-            raise ConfigError(f"mesh.platform {self.platform!r} is not one of auto, cpu, gpu, tpu")
         for axis, size in self.shape().items():
             if not isinstance(size, int) or isinstance(size, bool) or size < 1:
                 raise ConfigError(f"mesh.{axis} must be an integer >= 1, got {size!r}")
@@ -177,9 +175,9 @@ class ExperimentConfig:
     batch_size: int = 16  # global batch (rows) per optimizer step
     grad_accum: int = 1  # micro-batches per step: each is batch_size / grad_accum rows
     seed: int = 0
-    dtype: str = "float32"  # compute dtype
-    param_dtype: str = "float32"
-    remat: str = "full"
+    # How the model runs (dtypes, remat, attention block, MoE kernel and capacity, platform):
+    # qwenjax/runtime.py. Set once here; every program of the run reads it.
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     aux_loss_weight: float = 0.001  # router load-balancing loss
     z_loss_weight: float = 0.0  # router z-loss
     max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
@@ -189,11 +187,6 @@ class ExperimentConfig:
     sample_tokens: int = 48  # greedy sample printed at the end; 0 = none
 
     def __post_init__(self):
-        for name in ("dtype", "param_dtype"):
-            if getattr(self, name) not in DTYPES:
-                raise ConfigError(f"{name} {getattr(self, name)!r} is not one of {DTYPES}")
-        if self.remat not in REMAT_MODES:
-            raise ConfigError(f"remat {self.remat!r} is not one of {REMAT_MODES}")
         if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
             raise ConfigError("steps, batch_size and grad_accum must be >= 1")
         if self.log_every < 1 or self.max_bad_steps < 1:
@@ -230,7 +223,7 @@ class ExperimentConfig:
         if self.model_overrides:
             cfg = ModelConfig.from_dict({**cfg.to_dict(), **self.model_overrides},
                                         source="model_overrides")
-        return cfg.replace(dtype=self.dtype, param_dtype=self.param_dtype, remat=self.remat)
+        return cfg.replace(runtime=self.runtime)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -294,6 +287,10 @@ def _build(cls: type, data: Any, where: str):
     kwargs = {}
     for key, value in data.items():
         if key not in fields:
+            full = f"{where}.{key}" if where else key
+            if full in MOVED_TO_RUNTIME:
+                raise ConfigError(f"{full} is now runtime.{MOVED_TO_RUNTIME[full]} (the runtime: "
+                                  "section holds how the model runs)")
             raise ConfigError(f"unknown key {where + '.' if where else ''}{key}{_hint(key, list(fields))}")
         want = hints[key]
         name = f"{where}.{key}" if where else key

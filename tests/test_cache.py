@@ -33,7 +33,7 @@ CONFIGS = {
 def tiny_model(family: str):
     config_cls, over = CONFIGS[family]
     hf = config_cls(**{**hf_models.BASE, **over}).to_dict()
-    cfg = ModelConfig.from_hf_config(hf).replace(attn_block=8)  # several key blocks per chunk
+    cfg = ModelConfig.from_hf_config(hf).with_runtime(attn_block=8)  # several key blocks per chunk
     return nnx.merge(*init_sharded(cfg, None, seed=1))  # a jitted init: faster than eager
 
 

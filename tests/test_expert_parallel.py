@@ -135,8 +135,8 @@ def test_model_in_capacity_mode_reports_dropped_fraction():
     mesh = qwenjax.make_mesh({"data": 2, "expert": 4})
     metrics = {}
     for capacity in (0.0, 0.5):
-        cfg = qwenjax.load_preset("qwen3-moe-tiny").replace(num_layers=2,
-                                                            moe_capacity_factor=capacity)
+        cfg = qwenjax.load_preset("qwen3-moe-tiny").replace(num_layers=2)
+        cfg = cfg.with_runtime(moe_capacity_factor=capacity)
         graphdef, params = init_sharded(cfg, mesh)
         model = nnx.merge(graphdef, params)
         tokens = jnp.asarray(np.random.RandomState(0).randint(0, 512, (8, 33)))

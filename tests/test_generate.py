@@ -50,7 +50,7 @@ def _built(family):
     hf = hf_models.build(family, FAMILIES[family], seed=0)
     hf = hf_models.train_briefly(hf, steps=40)  # confident predictions: no near-tied logits
     with tempfile.TemporaryDirectory() as tmp:
-        return hf, qwenjax.from_pretrained(hf_models.save(hf, f"{tmp}/hf"), dtype="float32")
+        return hf, qwenjax.from_pretrained(hf_models.save(hf, f"{tmp}/hf"))
 
 
 def prompts_for(vocab, seed=0):

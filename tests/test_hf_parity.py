@@ -23,7 +23,7 @@ def _kl(ref_logits, logits):
 @pytest.mark.parametrize("family,name,over", hf_models.all_cases(), ids=lambda x: x if isinstance(x, str) else "")
 def test_fp32_logits_match_transformers(tmp_path, family, name, over):
     hf = hf_models.build(family, over)
-    model = qwenjax.from_pretrained(hf_models.save(hf, tmp_path / "hf"), dtype="float32")
+    model = qwenjax.from_pretrained(hf_models.save(hf, tmp_path / "hf"))
     # Lengths that are not powers of two nor multiples of the delta-rule chunk (64); the second
     # batch is padded on the left.
     for T, pad in ((37, 0), (70, 9), (130, 0)):
@@ -43,7 +43,9 @@ def test_bf16_logits_close_to_transformers_fp32(tmp_path, family):
     if "num_experts" in over:
         over = dict(over, num_experts=16, num_experts_per_tok=4, moe_intermediate_size=16)
     hf = hf_models.train_briefly(hf_models.build(family, over))
-    model = qwenjax.from_pretrained(hf_models.save(hf, tmp_path / "hf"), dtype="bfloat16")
+    model = qwenjax.from_pretrained(
+        hf_models.save(hf, tmp_path / "hf"), runtime=qwenjax.RuntimeConfig(dtype="bfloat16")
+    )
     V = hf.config.vocab_size
     ids, mask = hf_models.batch(V, 8, 70, seed=1, left_pad=5)
     ids[:, 35:] = (ids[:, 35:36] + 2 * np.arange(35)) % V  # second half follows the learned rule

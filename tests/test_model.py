@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import qwenjax
-from qwenjax.config import REMAT_MODES
 from qwenjax.model.transformer import stack_plan
+from qwenjax.runtime import REMAT_MODES
 from qwenjax.train.loss import batch_from_tokens
 from qwenjax.train.step import make_loss_and_grad, split_model
 
@@ -19,7 +19,7 @@ def test_remat_modes_give_identical_loss_and_grads():
     batch = batch_from_tokens(jnp.asarray(np.random.RandomState(0).randint(0, 512, (2, 33))))
     results = []
     for mode in REMAT_MODES:
-        graphdef, params = split_model(qwenjax.init_model(cfg.replace(remat=mode)))
+        graphdef, params = split_model(qwenjax.init_model(cfg.with_runtime(remat=mode)))
         (loss, _), grads = make_loss_and_grad(graphdef, aux_weight=0.01)(params, batch)
         results.append((loss, grads))
     for loss, grads in results[1:]:

@@ -16,6 +16,7 @@ import pytest
 
 pytest.importorskip("libtpu", reason="the `tpu` extra (libtpu) is not installed")
 
+from qwenjax import parameter_counts
 from qwenjax.cli import main as cli_main
 from qwenjax.errors import MeshError
 from qwenjax.experiment import load_experiment
@@ -132,8 +133,33 @@ def test_tpu_paths_chosen(moe_v5p, moe35_v6e):
     assert any(k.startswith("tpu_custom_call:ragged-dot") for k in report35["custom_calls"])
 
 
+def _collective_ops(hlo_text: str, kind: str) -> list[int]:
+    """Result bytes of each `kind` collective in the HLO text (per device, each op once)."""
+    from qwenjax.plan.hlo import _OP, shape_bytes
+
+    return [shape_bytes(m.group(1)) for line in hlo_text.splitlines()
+            if (m := _OP.search(line)) and m.group(2) == kind]
+
+
+@pytest.mark.parametrize("preset,tpu", [("qwen3-moe-tiny", "v5p-8"), ("qwen3.5-moe-tiny", "v6e-4")])
+def test_gradients_reduce_scatter_over_fsdp(preset, tpu):
+    """On an fsdp=4 mesh the data-parallel gradient sum is a reduce-scatter to the parameter
+    sharding: no all-reduce carries more than 1/4 of the gradient bytes (a whole-gradient
+    all-reduce would carry all of it), and reduce-scatters are present."""
+    sets = ["mesh={data: 1, fsdp: 4, expert: 1}", f"model={preset}", "model_overrides.num_layers=4"]
+    exp = load_experiment(TINY, sets)
+    report = plan_run.plan_train(exp, parse_slice(tpu))
+    hlo = report["_hlo"]
+    total, _ = parameter_counts(exp.model_config())
+    grad_bytes = 4 * total  # fp32 gradients
+    all_reduce = _collective_ops(hlo, "all-reduce")
+    assert max(all_reduce, default=0) <= grad_bytes / 4, (max(all_reduce), grad_bytes)
+    assert report["collectives"]["reduce-scatter"]["count"] >= 1
+    assert report["fits"] is True
+
+
 def test_cpu_platform_takes_blocked_path():
-    """The distinction is real: forcing `mesh.platform: cpu` over the same TPU devices traces
+    """The distinction is real: forcing `runtime.platform: cpu` over the same TPU devices traces
     the CPU fallbacks (blocked scan, padded all-to-all), whose program has neither a ragged dot
     nor a ragged all-to-all; `tpu` has both (lowering only, no compile)."""
     from qwenjax.plan import build
@@ -141,7 +167,7 @@ def test_cpu_platform_takes_blocked_path():
 
     tpu = parse_slice("v5p-8")
     for platform, ragged in (("cpu", False), ("tpu", True)):
-        exp = load_experiment(TINY, SETS + [f"mesh.platform={platform}"])
+        exp = load_experiment(TINY, SETS + [f"runtime.platform={platform}"])
         mesh = plan_run._mesh(exp, tpu)
         lowered, _ = build.lower_train_step(
             exp, exp.model_config(), mesh, check_rules(exp.mesh.rules)

@@ -158,7 +158,7 @@ def main() -> None:
     p.add_argument("--torch-threads", type=int, default=1, help="0: one per CPU core")
     args = p.parse_args()
 
-    cfg = qwenjax.load_preset(args.preset).replace(dtype="float32", param_dtype="float32")
+    cfg = qwenjax.load_preset(args.preset)  # fp32 compute and parameters
     load = os.getloadavg()[0]  # other processes skew CPU timings; recorded to judge the run
     torch.set_num_threads(args.torch_threads or os.cpu_count() or 1)
     jx_model = qwenjax.init_model(cfg, seed=0)

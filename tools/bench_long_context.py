@@ -55,8 +55,8 @@ def main(argv=None):
     from qwenjax.sharding import activate, make_mesh
 
     over = {k: int(v) for k, v in (s.split("=") for s in a.set)}
-    cfg = load_preset(a.preset).replace(dtype=a.dtype, param_dtype=a.dtype,
-                                        attn_block=a.attn_block, **over)
+    cfg = load_preset(a.preset).replace(**over).with_runtime(
+        dtype=a.dtype, param_dtype=a.dtype, attn_block=a.attn_block)
     mesh = make_mesh({"context": a.context}) if a.context > 1 else None
     graphdef, params = init_sharded(cfg, mesh)
     from flax import nnx

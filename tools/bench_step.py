@@ -150,7 +150,7 @@ def main() -> None:
     p.add_argument("--dtype", default="float32", choices=["float32"])
     args = p.parse_args()
 
-    cfg = qwenjax.load_preset(args.preset).replace(dtype=args.dtype, param_dtype=args.dtype)
+    cfg = qwenjax.load_preset(args.preset).with_runtime(dtype=args.dtype, param_dtype=args.dtype)
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, cfg.vocab_size, (args.batch, args.seq + 1), dtype=np.int32)
     n = args.batch * args.seq

@@ -48,12 +48,10 @@ def load(exp: ExperimentConfig, run_dir: str | Path) -> tuple[CausalLM, Tokenize
         src = src / "hf"
         tok_dirs += [src, src.parent / "tokenizer"]
     if (src / "config.json").exists():
-        model = from_pretrained(
-            src, dtype=exp.dtype, param_dtype=exp.param_dtype, mesh=mesh, rules=rules
-        )
+        model = from_pretrained(src, runtime=exp.runtime, mesh=mesh, rules=rules)
         tok_dirs.append(src)
     elif (src / "model_config.json").exists():
-        model = load_params(src, mesh=mesh, rules=rules, dtype=exp.dtype)
+        model = load_params(src, mesh=mesh, rules=rules, runtime=exp.runtime)
     else:
         raise ConfigError(
             f"eval model {src}: not a Hugging Face directory, parameter checkpoint or run "
@@ -80,5 +78,6 @@ def with_context_settings(model: CausalLM, overrides: dict) -> CausalLM:
     if isinstance(keep.get("rope"), dict) and isinstance(d.get("rope"), dict):
         keep["rope"] = {**d["rope"], **keep["rope"]}
     cfg = ModelConfig.from_dict({**d, **keep}, source="model_overrides")
+    cfg = cfg.replace(runtime=model.config.runtime)
     graphdef, _ = abstract_model(cfg)
     return nnx.merge(graphdef, nnx.state(model))

@@ -46,6 +46,7 @@ from qwenjax.hf.safetensors_io import (
 )
 from qwenjax.model.partition import abstract_model, variable_sharding
 from qwenjax.model.transformer import CausalLM
+from qwenjax.runtime import RuntimeConfig
 
 NP_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16),
              "float16": np.dtype(np.float16)}
@@ -125,17 +126,19 @@ def _zeros(shape, dtype, sharding):
 def from_pretrained(
     hf_dir: str | os.PathLike,
     *,
-    dtype: str = "float32",
-    param_dtype: str = "float32",
+    runtime: RuntimeConfig | None = None,
     mesh: Mesh | None = None,
     rules: dict | None = None,
     progress: bool = False,
 ) -> CausalLM:
-    """Load a Hugging Face directory (config.json + safetensors) as a qwenjax model."""
+    """Load a Hugging Face directory (config.json + safetensors) as a qwenjax model that runs
+    with `runtime` (default RuntimeConfig(): fp32); parameters are stored in its param_dtype."""
+    runtime = runtime or RuntimeConfig()
+    param_dtype = runtime.param_dtype
     hf_dir = Path(hf_dir)
     try:
         cfg = ModelConfig.from_hf_config(read_hf_config(hf_dir))
-        cfg = cfg.replace(dtype=dtype, param_dtype=param_dtype)
+        cfg = cfg.replace(runtime=runtime)
     except ConfigError as e:
         raise ConversionError(f"{hf_dir}: {e}") from None
     infos = index_checkpoint(hf_dir)
@@ -195,7 +198,7 @@ def export_dtype(cfg: ModelConfig, dtype: str | None) -> str:
     """The dtype to write: as asked, else the one the source checkpoint was stored in."""
     extra = cfg.extra
     extra = {**extra.get(WRAPPER_KEY, {}), **extra}
-    name = dtype or extra.get("dtype") or extra.get("torch_dtype") or cfg.param_dtype
+    name = dtype or extra.get("dtype") or extra.get("torch_dtype") or cfg.runtime.param_dtype
     if name not in NP_DTYPES:
         raise ConfigError(f"export dtype {name!r} is not one of {sorted(NP_DTYPES)}")
     return name

@@ -41,7 +41,7 @@ KV_AXES = ("layers", "batch", "length", "act_kv_heads", None)  # [R,B,S,K,Dh]
 def init_cache(cfg: ModelConfig, batch: int, slots: int) -> Cache:
     """An empty cache of `slots` slots per row; keys, values and conv windows in the compute
     dtype, delta-rule states in fp32."""
-    dtype = jnp.dtype(cfg.dtype)
+    dtype = jnp.dtype(cfg.runtime.dtype)
     K, Dh = cfg.num_kv_heads, cfg.head_dim
     Hk, Hv = cfg.linear_num_key_heads, cfg.linear_num_value_heads
     Dk, Dv, W = cfg.linear_key_head_dim, cfg.linear_value_head_dim, cfg.linear_conv_kernel_dim - 1
@@ -127,7 +127,7 @@ def prefill(model: CausalLM, cache: Cache, input_ids, positions, segment_ids, *,
         h, cache = model.extend(xs[0], cache, positions=xs[1], segment_ids=xs[2])
         return (cache, h[:, -1]), None
 
-    last = jnp.zeros((B, D), jnp.dtype(model.config.dtype))
+    last = jnp.zeros((B, D), jnp.dtype(model.config.runtime.dtype))
     xs = (split(input_ids), split(positions), split(segment_ids))
     (cache, h), _ = jax.lax.scan(step, (cache, last), xs)
     return logits_of(model, h), cache

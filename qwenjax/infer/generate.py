@@ -36,6 +36,7 @@ from qwenjax.errors import ConfigError, GenerationError
 from qwenjax.infer.cache import context_multiple, decode_step, init_cache, left_pad, prefill
 from qwenjax.infer.sampling import Sampling, sample
 from qwenjax.model.transformer import Cache, CausalLM
+from qwenjax.runtime import RuntimeConfig
 from qwenjax.sharding import activate
 
 _ROUND = 16  # prompt lengths are padded to a multiple of this (fewer distinct compilations)
@@ -270,7 +271,7 @@ def load_for_inference(
     hf_dir: str | os.PathLike | None = None,
     checkpoint_dir: str | os.PathLike | None = None,
     *,
-    dtype: str = "float32",
+    runtime: RuntimeConfig | None = None,
     mesh: jax.sharding.Mesh | None = None,
 ) -> tuple[CausalLM, HFTokenizer | None]:
     """(model, tokenizer) from a Hugging Face directory or a qwenjax parameter checkpoint (give
@@ -282,12 +283,12 @@ def load_for_inference(
         from qwenjax.hf.convert import from_pretrained
 
         directory = Path(hf_dir)
-        model = from_pretrained(directory, dtype=dtype, mesh=mesh)
+        model = from_pretrained(directory, runtime=runtime, mesh=mesh)
     else:
         from qwenjax.train.checkpoint import load_params
 
         directory = Path(checkpoint_dir)
-        model = load_params(directory, mesh=mesh, dtype=dtype)
+        model = load_params(directory, mesh=mesh, runtime=runtime)
     tokenizer = load_tokenizer(directory) if (directory / "tokenizer.json").is_file() else None
     return model, tokenizer
 

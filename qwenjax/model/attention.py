@@ -45,7 +45,7 @@ class CacheSlots(NamedTuple):
 
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        D, H, K, Dh, pd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.param_dtype
+        D, H, K, Dh, pd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.runtime.param_dtype
         self.cfg = cfg
         self.q_kernel = make_param(rngs, (D, H, Dh), ("embed", "heads", "head_dim"), pd)
         self.k_kernel = make_param(rngs, (D, K, Dh), ("embed", "kv_heads", "head_dim"), pd)
@@ -100,7 +100,7 @@ class Attention(nnx.Module):
         cfg = self.cfg
         q, k, v = self._qkv(x, cos, sin)
         # Blockwise on one device; ring attention when the sequence is split over `context`.
-        o = causal_attention(q, k, v, positions, segment_ids, block=cfg.attn_block)
+        o = causal_attention(q, k, v, positions, segment_ids, block=cfg.runtime.attn_block)
         return self._output(x, o)
 
     def extend(self, x, cos, sin, positions, segment_ids, cache: KVCache, slots: CacheSlots):
@@ -112,10 +112,10 @@ class Attention(nnx.Module):
         k_all = jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), start)
         v_all = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), start)
         if slots.fresh:  # nothing earlier to see: causal attention among the new tokens
-            o = causal_attention(q, k, v, positions, segment_ids, block=cfg.attn_block)
+            o = causal_attention(q, k, v, positions, segment_ids, block=cfg.runtime.attn_block)
         else:
             # One device: dense (one query) or blockwise (a prefill chunk); with `context` > 1
             # the cache is split along its slots and partial results merge by log-sum-exp.
             o = cached_attention(q, k_all, v_all, positions, slots.positions, segment_ids,
-                                 slots.segment_ids, block=cfg.attn_block)
+                                 slots.segment_ids, block=cfg.runtime.attn_block)
         return self._output(x, o), KVCache(k_all, v_all)

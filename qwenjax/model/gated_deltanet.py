@@ -45,7 +45,7 @@ class RecurrentState(NamedTuple):
 
 class GatedDeltaNet(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        D, pd = cfg.hidden_size, cfg.param_dtype
+        D, pd = cfg.hidden_size, cfg.runtime.param_dtype
         Hk, Hv = cfg.linear_num_key_heads, cfg.linear_num_value_heads
         Dk, Dv, K = cfg.linear_key_head_dim, cfg.linear_value_head_dim, cfg.linear_conv_kernel_dim
         self.cfg = cfg

@@ -20,7 +20,7 @@ F32 = jnp.float32
 
 class MLP(nnx.Module):
     def __init__(self, cfg: ModelConfig, width: int, *, rngs: nnx.Rngs):
-        D, pd = cfg.hidden_size, cfg.param_dtype
+        D, pd = cfg.hidden_size, cfg.runtime.param_dtype
         self.gate_kernel = make_param(rngs, (D, width), ("embed", "mlp"), pd)
         self.up_kernel = make_param(rngs, (D, width), ("embed", "mlp"), pd)
         self.down_kernel = make_param(rngs, (width, D), ("mlp", "embed"), pd)
@@ -34,7 +34,7 @@ class MoE(nnx.Module):
     """Routed experts (dropless) plus, if configured, a shared expert behind a sigmoid gate."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        D, E, F, pd = cfg.hidden_size, cfg.num_experts, cfg.moe_intermediate_size, cfg.param_dtype
+        D, E, F, pd = cfg.hidden_size, cfg.num_experts, cfg.moe_intermediate_size, cfg.runtime.param_dtype
         self.cfg = cfg
         self.router_kernel = make_param(rngs, (D, E), ("embed", "router_experts"), pd)
         self.gate_kernel = make_param(rngs, (E, D, F), ("experts", "expert_embed", "expert_mlp"), pd)
@@ -69,7 +69,7 @@ class MoE(nnx.Module):
         Unsplit tokens run the dropless grouped FFN directly."""
         B, T, D = x.shape
         k = weights.shape[-1]
-        capacity = self.cfg.moe_capacity_factor
+        capacity, impl = self.cfg.runtime.moe_capacity_factor, self.cfg.runtime.moe_impl
         mesh = current_mesh()
         if mesh is None and capacity:
             mesh = single_device_mesh()  # capacity mode runs the expert-parallel code anyway
@@ -81,11 +81,12 @@ class MoE(nnx.Module):
         if not capacity and (unsendable or not (batch or length)):
             # Tokens whole on every device, or replicated over experts: the dropless grouped FFN
             # as it is (GSPMD partitions it in the latter case).
-            return grouped_ffn(x.reshape(B * T, D), weights, experts, *w), jnp.zeros((), F32)
+            y = grouped_ffn(x.reshape(B * T, D), weights, experts, *w, impl=impl)
+            return y, jnp.zeros((), F32)
         tokens = (batch or None, length or None)
         y, dropped = expert_parallel_ffn(
             x, weights.reshape(B, T, k), experts.reshape(B, T, k), *w, mesh=mesh,
-            token_spec=tokens, capacity_factor=capacity,
+            token_spec=tokens, capacity_factor=capacity, impl=impl,
         )
         return y.reshape(B * T, D), dropped
 

@@ -103,7 +103,7 @@ class Cache(NamedTuple):
 
 class DecoderLayer(nnx.Module):
     def __init__(self, cfg: ModelConfig, kind: Kind, *, rngs: nnx.Rngs):
-        D, eps, pd, zc = cfg.hidden_size, cfg.rms_norm_eps, cfg.param_dtype, cfg.norm_zero_centered
+        D, eps, pd, zc = cfg.hidden_size, cfg.rms_norm_eps, cfg.runtime.param_dtype, cfg.norm_zero_centered
         self.input_norm = RMSNorm(D, eps, ("norm",), pd, rngs, zc)
         self.is_linear = kind[0] == "linear_attention"
         self.attn = GatedDeltaNet(cfg, rngs=rngs) if self.is_linear else Attention(cfg, rngs=rngs)
@@ -175,7 +175,7 @@ class LayerStack(nnx.Module):
         self.block = nnx.merge(graphdef, state)
         self.repeats = spec.repeats
         self.num_experts = cfg.num_experts
-        self.remat = cfg.remat
+        self.remat = cfg.runtime.remat
         self.cfg = cfg
 
     def __call__(self, x, tokens: TokenInputs):
@@ -242,7 +242,7 @@ class LayerStack(nnx.Module):
 
 class CausalLM(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        V, D, pd = cfg.vocab_size, cfg.hidden_size, cfg.param_dtype
+        V, D, pd = cfg.vocab_size, cfg.hidden_size, cfg.runtime.param_dtype
         self.config = cfg
         self.embed = make_param(rngs, (V, D), ("vocab", "embed"), pd)
         self.stacks = nnx.List(
@@ -260,7 +260,7 @@ class CausalLM(nnx.Module):
         0 = padding) keeps padding out of every real token's attention and out of router stats.
         """
         cfg = self.config
-        dtype = jnp.dtype(cfg.dtype)
+        dtype = jnp.dtype(cfg.runtime.dtype)
         B, T = input_ids.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
@@ -290,7 +290,7 @@ class CausalLM(nnx.Module):
         slots then hold the prompt in layout order; masks use each slot's position, so the order
         of slots does not matter to attention.
         """
-        dtype = jnp.dtype(self.config.dtype)
+        dtype = jnp.dtype(self.config.runtime.dtype)
         positions, segment_ids = positions.astype(jnp.int32), segment_ids.astype(jnp.int32)
         start = (0, cache.length)
         slots = CacheSlots(

@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from qwenjax.ops.grouped_matmul import grouped_matmul
 from qwenjax.ops.moe_dispatch import block_rows, combine_rows, gather_rows
 from qwenjax.sharding import make_mesh, target_platform
 
@@ -85,9 +86,9 @@ def grouped_rows_ffn(rows, row_expert, w_gate, w_up, w_down, *, bm: int, impl: s
     sizes = jnp.bincount(row_expert, length=El + 1).astype(jnp.int32)
     if impl == "ragged":  # empty rows sort last, outside every group: ragged_dot leaves them 0
         x = rows[order]
-        h = jax.nn.silu(jax.lax.ragged_dot(x, w_gate, sizes[:El]))
-        h = h * jax.lax.ragged_dot(x, w_up, sizes[:El])
-        y = jax.lax.ragged_dot(h, w_down, sizes[:El])
+        h = jax.nn.silu(grouped_matmul(x, w_gate, sizes[:El]))
+        h = h * grouped_matmul(x, w_up, sizes[:El])
+        y = grouped_matmul(h, w_down, sizes[:El])
         return jnp.zeros_like(y).at[order].set(y)
     # Blocked: every group padded to a multiple of bm rows, under a static bound on the blocks.
     padded = -(-sizes // bm) * bm

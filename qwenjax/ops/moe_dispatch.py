@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from qwenjax.ops.grouped_matmul import grouped_matmul
 from qwenjax.sharding import target_platform
 
 F32 = jnp.float32
@@ -60,9 +61,9 @@ def grouped_ffn(x, weights, experts, w_gate, w_up, w_down, *, impl: str = "auto"
     if impl == "ragged":
         plan = dispatch_plan(experts, E, 1)
         rows = gather_rows(x, plan.src_row // k, plan.pos)
-        h = jax.nn.silu(jax.lax.ragged_dot(rows, w_gate, plan.group_sizes))
-        h = h * jax.lax.ragged_dot(rows, w_up, plan.group_sizes)
-        y = checkpoint_name(jax.lax.ragged_dot(h, w_down, plan.group_sizes), "moe_rows")
+        h = jax.nn.silu(grouped_matmul(rows, w_gate, plan.group_sizes))
+        h = h * grouped_matmul(rows, w_up, plan.group_sizes)
+        y = checkpoint_name(grouped_matmul(h, w_down, plan.group_sizes), "moe_rows")
     elif impl == "blocked":
         bm = block_rows(N * k // E, block)
         plan = dispatch_plan(experts, E, bm)

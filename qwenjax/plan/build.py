@@ -81,12 +81,12 @@ def lower_train_step(exp: ExperimentConfig, cfg: ModelConfig, mesh: Mesh, rules:
         graphdef, tx, aux_weight=exp.aux_loss_weight, z_weight=exp.z_loss_weight,
         state_sharding=state_sharding, batch_sharding=sharding,
     )
-    with activate(mesh, exp.mesh.rules, exp.mesh.context_layout, exp.mesh.platform):
+    with activate(mesh, exp.mesh.rules, exp.mesh.context_layout, exp.runtime.platform):
         return step.lower(state, batch), state
 
 
 def compile_lowered(lowered, mesh: Mesh, exp: ExperimentConfig):
-    with activate(mesh, exp.mesh.rules, exp.mesh.context_layout, exp.mesh.platform):
+    with activate(mesh, exp.mesh.rules, exp.mesh.context_layout, exp.runtime.platform):
         return lowered.compile()
 
 
@@ -108,7 +108,7 @@ def lower_infer(exp: ExperimentConfig, cfg: ModelConfig, mesh: Mesh, rules: dict
     ways = math.prod(mesh.shape[a] for a in _names(batch_axes))
     rows = NamedSharding(mesh, PartitionSpec(batch_axes if B % ways == 0 else None))
     replicated = NamedSharding(mesh, PartitionSpec())
-    with activate(mesh, exp.mesh.rules, exp.mesh.context_layout, exp.mesh.platform):
+    with activate(mesh, exp.mesh.rules, exp.mesh.context_layout, exp.runtime.platform):
         multiple = context_multiple()
         unit = math.lcm(16, multiple)
         P = -(-length // unit) * unit

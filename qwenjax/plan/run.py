@@ -102,7 +102,7 @@ def plan_train(exp: ExperimentConfig, tpu: Slice, mesh=None) -> dict:
         "batch_size": exp.batch_size, "per_chip_batch": exp.batch_size // (
             exp.grad_accum * exp.mesh.batch_ways),
         "grad_accum": exp.grad_accum, "seq_len": exp.data.seq_len,
-        "dtype": exp.dtype, "param_dtype": exp.param_dtype, "remat": exp.remat,
+        "runtime": dataclasses.asdict(exp.runtime),
         "model_flops_per_step": flops,
         "compile_s": round(compile_s, 1),
     }

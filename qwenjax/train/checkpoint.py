@@ -33,6 +33,7 @@ from qwenjax.errors import CheckpointError, ConfigError
 from qwenjax.hf.safetensors_io import PlannedTensor, read_header, read_tensor, write_shard
 from qwenjax.model.partition import abstract_model, variable_sharding
 from qwenjax.model.transformer import CausalLM
+from qwenjax.runtime import RUNTIME_KEYS, RuntimeConfig
 
 CONFIG_FILE = "model_config.json"
 PASSTHROUGH_FILE = "passthrough.safetensors"
@@ -70,20 +71,29 @@ def read_model_config(ckpt_dir: str | os.PathLike) -> ModelConfig:
     if not path.exists():
         raise CheckpointError(f"{ckpt_dir}: not a qwenjax parameter checkpoint (no {CONFIG_FILE})")
     try:
-        return ModelConfig.from_dict(json.loads(path.read_text()), source=str(path))
+        arch = json.loads(path.read_text())
+        if not isinstance(arch, dict):
+            raise ConfigError("expected a JSON object")
+        # Checkpoints written before the runtime split also hold dtype, remat, ...: not ours to keep.
+        arch = {k: v for k, v in arch.items() if k not in RUNTIME_KEYS}
+        return ModelConfig.from_dict(arch, source=str(path))
     except (json.JSONDecodeError, ConfigError) as e:
         raise CheckpointError(f"{path}: {e}") from None
 
 
 def load_params(
     ckpt_dir: str | os.PathLike, *, mesh: Mesh | None = None, rules: dict | None = None,
-    dtype: str | None = None,
+    runtime: RuntimeConfig | None = None,
 ) -> CausalLM:
-    """Restore a model from a parameter checkpoint, each array into its sharding."""
+    """Restore a model from a parameter checkpoint, each array into its sharding, to run with
+    `runtime`; arrays are restored in its param_dtype. Default: RuntimeConfig() with the
+    param_dtype the checkpoint was stored in."""
     ckpt_dir = Path(ckpt_dir)
     cfg = read_model_config(ckpt_dir)
-    if dtype:
-        cfg = cfg.replace(dtype=dtype)
+    path = ckpt_dir.resolve() / "params"
+    if not path.exists():
+        raise CheckpointError(f"{ckpt_dir}: no params/ directory")
+    cfg = cfg.replace(runtime=runtime or RuntimeConfig(param_dtype=_stored_dtype(path)))
     graphdef, state = abstract_model(cfg)
 
     def abstract(var: nnx.Variable):
@@ -93,9 +103,6 @@ def load_params(
 
     flat = nnx.to_flat_state(state)
     target = nnx.to_pure_dict(nnx.from_flat_state([(p, v.replace(abstract(v))) for p, v in flat]))
-    path = ckpt_dir.resolve() / "params"
-    if not path.exists():
-        raise CheckpointError(f"{ckpt_dir}: no params/ directory")
     try:
         with ocp.StandardCheckpointer() as ckptr:
             restored = ckptr.restore(path, target)
@@ -108,6 +115,18 @@ def load_params(
         tuple(sorted(read_header(carried)[0].values(), key=lambda i: i.name)) if carried.exists() else ()
     )
     return model
+
+
+def _stored_dtype(path: Path) -> str:
+    """The dtype a parameter checkpoint's arrays were written in (the most common one)."""
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            meta = ckptr.metadata(path)
+    except Exception as e:  # noqa: BLE001 - orbax raises many kinds for a damaged directory
+        raise CheckpointError(f"{path}: cannot read the checkpoint's metadata ({e})") from None
+    leaves = jax.tree.leaves(getattr(meta, "item_metadata", meta))
+    names = [np.dtype(x.dtype).name for x in leaves if getattr(x, "dtype", None) is not None]
+    return max(set(names), key=names.count) if names else "float32"
 
 
 # ---- training-run checkpoints -------------------------------------------------------------------

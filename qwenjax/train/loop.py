@@ -175,7 +175,7 @@ def train(exp: ExperimentConfig, run_dir: str | Path, *, overwrite_export: bool 
     rules = check_rules(exp.mesh.rules)
     if exp.init_from:
         src = read_model_config(exp.init_from)
-        cfg = src.replace(dtype=cfg.dtype, param_dtype=cfg.param_dtype, remat=cfg.remat)
+        cfg = src.replace(runtime=cfg.runtime)
     check_run_dir(exp, run_dir, cfg)
     tokenizer = None
     if exp.tokenizer.kind != "bpe":  # a file: read (and so checked) before anything is written
@@ -215,7 +215,7 @@ def _run(exp, run_dir, cfg, mesh, rules, tokenizer, primary, overwrite_export) -
     baseline = unigram_entropy(iter(build_dataset(exp, tokenizer)), local_batch, tokenizer.vocab_size)
 
     if exp.init_from:
-        model = load_params(exp.init_from, mesh=mesh, rules=rules, dtype=cfg.dtype)
+        model = load_params(exp.init_from, mesh=mesh, rules=rules, runtime=exp.runtime)
         graphdef, params = nnx.split(model)
     else:
         graphdef, params = init_sharded(cfg, mesh, rules, exp.seed)
@@ -261,7 +261,7 @@ def _run(exp, run_dir, cfg, mesh, rules, tokenizer, primary, overwrite_export) -
     previous_handler = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
     summary = {"run_dir": str(run_dir), "start_step": start, "unigram_baseline": baseline}
     log(f"unigram entropy of the training stream: {baseline:.3f} nats/token")
-    with activate(mesh, exp.mesh.rules, exp.mesh.context_layout, exp.mesh.platform):
+    with activate(mesh, exp.mesh.rules, exp.mesh.context_layout, exp.runtime.platform):
         try:
             t_last, step = time.perf_counter(), start
             pending = None  # (step, its bad-step counter), read one step late
@@ -311,7 +311,7 @@ def _run(exp, run_dir, cfg, mesh, rules, tokenizer, primary, overwrite_export) -
         from qwenjax.hf.convert import save_pretrained
 
         ids = {"eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id}
-        out = save_pretrained(model, run_dir / "hf", dtype=exp.param_dtype, generation=ids,
+        out = save_pretrained(model, run_dir / "hf", dtype=exp.runtime.param_dtype, generation=ids,
                               tokenizer=tokenizer, overwrite=overwrite_export)
         summary["hf_dir"] = str(out)
         log(f"exported Hugging Face checkpoint to {out}")

@@ -1,0 +1,59 @@
+"""RuntimeConfig: how a model runs, as opposed to what it is (`ModelConfig`, the architecture).
+
+One home for the settings a researcher changes between runs of the same checkpoint: compute and
+parameter dtypes, layer rematerialisation, the attention block, the MoE kernel and capacity, and
+the platform kernels are built for. An experiment sets them once, in its `runtime:` section;
+`ExperimentConfig.model_config()` attaches them to the architecture (`ModelConfig.runtime`), and
+the model code reads `cfg.runtime.*`. Loaders (`from_pretrained`, `load_params`) take one too.
+None of these settings is saved with a checkpoint or exported: weights do not depend on them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from qwenjax.errors import ConfigError
+
+DTYPES = ("float32", "bfloat16", "float16")
+REMAT_MODES = ("full", "outputs", "dots", "none")  # see REMAT_POLICIES in model/transformer.py
+MOE_IMPLS = ("auto", "ragged", "blocked")  # see ops/moe_dispatch.py: grouped_ffn
+PLATFORMS = ("auto", "cpu", "gpu", "tpu")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RuntimeConfig:
+    dtype: str = "float32"  # compute dtype of activations and matmuls
+    param_dtype: str = "float32"  # the stored parameters (and so the optimizer's master copy)
+    remat: str = "full"  # layer rematerialisation, one of REMAT_MODES
+    attn_block: int = 128  # query/key block of blockwise attention (fastest fwd+bwd on CPU)
+    # 0 = dropless experts; > 0 = each expert takes at most ceil(f * rows / E) rows per device
+    # (the rest are dropped and counted in the `dropped_fraction` metric).
+    moe_capacity_factor: float = 0.0
+    # Grouped expert FFN: "ragged" (`jax.lax.ragged_dot`, XLA:TPU/GPU's grouped matmul),
+    # "blocked" (a scan over fixed row blocks, fastest on CPU), "auto" = by platform.
+    moe_impl: str = "auto"
+    # Which platform the kernels are built for: "auto" reads the platform of the mesh's devices
+    # (compile-only TPU devices on a CPU host say "tpu"); never the host's default backend.
+    platform: str = "auto"
+
+    def __post_init__(self):
+        for name, allowed in (("dtype", DTYPES), ("param_dtype", DTYPES), ("remat", REMAT_MODES),
+                              ("moe_impl", MOE_IMPLS), ("platform", PLATFORMS)):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(
+                    f"runtime.{name} {getattr(self, name)!r} is not one of {', '.join(allowed)}"
+                )
+        if not isinstance(self.attn_block, int) or self.attn_block < 1:
+            raise ConfigError(f"runtime.attn_block must be an integer >= 1, got {self.attn_block!r}")
+        if self.moe_capacity_factor < 0:
+            raise ConfigError(
+                f"runtime.moe_capacity_factor must be >= 0 (0 = dropless), got "
+                f"{self.moe_capacity_factor}"
+            )
+
+    def replace(self, **changes) -> RuntimeConfig:
+        return dataclasses.replace(self, **changes)
+
+
+RUNTIME_KEYS = frozenset(f.name for f in dataclasses.fields(RuntimeConfig))
