@@ -30,6 +30,11 @@ class RuntimeConfig:
     # 0 = dropless experts; > 0 = each expert takes at most ceil(f * rows / E) rows per device
     # (the rest are dropped and counted in the `dropped_fraction` metric).
     moe_capacity_factor: float = 0.0
+    # Dropless expert parallelism over a ragged all-to-all: 0 = each device's receive buffer
+    # holds the worst case (every routed row of every device, ep x the balanced count: 524,288
+    # rows x D for qwen3-235b-a22b at 4,096 tokens per device); f > 0 = f x the balanced count,
+    # rows past it dropped and counted in `dropped_fraction` (MaxText's ragged_buffer_factor).
+    moe_buffer_factor: float = 0.0
     # Grouped expert FFN: "ragged" (`jax.lax.ragged_dot`, XLA:TPU/GPU's grouped matmul),
     # "blocked" (a scan over fixed row blocks, fastest on CPU), "auto" = by platform.
     moe_impl: str = "auto"
@@ -46,6 +51,11 @@ class RuntimeConfig:
                 )
         if not isinstance(self.attn_block, int) or self.attn_block < 1:
             raise ConfigError(f"runtime.attn_block must be an integer >= 1, got {self.attn_block!r}")
+        if self.moe_buffer_factor < 0:
+            raise ConfigError(
+                f"runtime.moe_buffer_factor must be >= 0 (0 = worst case, never drops), got "
+                f"{self.moe_buffer_factor}"
+            )
         if self.moe_capacity_factor < 0:
             raise ConfigError(
                 f"runtime.moe_capacity_factor must be >= 0 (0 = dropless), got "

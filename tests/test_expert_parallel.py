@@ -103,6 +103,50 @@ def test_capacity_mode_drops_exactly_what_it_reports(capacity):
     assert_close(y, grads, *reference(x, w, masked, experts))
 
 
+def kept_by_buffer(experts, ep, cap):
+    """numpy oracle of a receive buffer of `cap` rows: each device's rows sorted by expert
+    (stable); receiver r takes sources in order until full; a source's rows for r past what r
+    accepts (its last ones) are dropped."""
+    ex = np.asarray(experts).reshape(ep, -1)  # [device, M] in routed-row order
+    El = E // ep
+    wanted = np.stack([np.bincount(ex[s] // El, minlength=ep) for s in range(ep)])
+    before = np.cumsum(wanted, axis=0) - wanted
+    accepted = np.clip(cap - before, 0, wanted)
+    kept = np.zeros_like(ex, bool)
+    for s in range(ep):
+        order = np.argsort(ex[s], kind="stable")
+        for r in range(ep):
+            rows = [i for i in order if ex[s, i] // El == r]
+            kept[s, rows[: accepted[s, r]]] = True
+    return kept.reshape(-1, K)
+
+
+@pytest.mark.parametrize("factor", [1.0, 8.0])
+def test_receive_buffer_factor_drops_exactly_what_it_reports(factor):
+    """`runtime.moe_buffer_factor` (ragged exchange): a receive buffer of factor x the balanced
+    rows; with 8.0 (the worst case here) nothing drops; with 1.0 an overloaded device drops the
+    rows the oracle names, and the result is the dense one without them."""
+    logits = np.random.RandomState(1).randn(B * T, E)
+    logits[: B * T // 2, 0] += 4.0  # expert 0 (device 0) overloaded
+    x, w, weights, experts = problem(logits=logits)
+    mesh = qwenjax.make_mesh({"expert": 8})
+
+    def f(x, *w):
+        return expert_parallel_ffn(
+            x, weights.reshape(B, T, K), experts.reshape(B, T, K), *w, mesh=mesh,
+            token_spec=(("expert",), None), buffer_factor=factor, exchange="ragged",
+        )
+
+    y, dropped = jax.jit(f)(x, *w)
+    grads = jax.jit(jax.grad(lambda *a: jnp.sum(jnp.sin(f(*a)[0])), argnums=(0, 1, 2, 3)))(x, *w)
+    M = B * T * K // 8
+    kept = kept_by_buffer(experts, 8, min(8 * M, -(-int(factor * M) // 8) * 8))
+    assert float(dropped) == float((~kept).sum())
+    assert (float(dropped) > 0) == (factor < 8)
+    masked = weights * jnp.asarray(kept, jnp.float32)
+    assert_close(y, grads, *reference(x, w, masked, experts))
+
+
 def test_capacity_mode_on_one_device_without_a_mesh():
     x, w, weights, experts = problem(2)
     y, dropped, grads = run(single_device_mesh(), (None, None), x, w, weights, experts, 1.0)

@@ -87,6 +87,7 @@ class MoE(nnx.Module):
         y, dropped = expert_parallel_ffn(
             x, weights.reshape(B, T, k), experts.reshape(B, T, k), *w, mesh=mesh,
             token_spec=tokens, capacity_factor=capacity, impl=impl,
+            buffer_factor=self.cfg.runtime.moe_buffer_factor,
         )
         return y.reshape(B * T, D), dropped
 

@@ -185,6 +185,10 @@ class LayerStack(nnx.Module):
         def body(carry, xs):
             h, acc = carry
             block_params, repeat = xs
+            # A barrier between the layer's slice of the stacked weights and its casts to the
+            # compute dtype: without it XLA hoists each convert out of the loop and keeps a
+            # bf16 copy of the whole stack (measured: 13 GiB per device for qwen3-235b-a22b).
+            block_params = jax.lax.optimization_barrier(block_params)
             # Derive the per-layer inputs from the scanned repeat index (adding 0 * index), so
             # they are not loop-invariant: JAX's scan partial evaluation hoists loop-invariant
             # work out of the layer loop and stores it for every attention block pair, O(T^2)

@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from qwenjax.ops.grouped_matmul import grouped_matmul
+from qwenjax.ops.grouped_matmul import grouped_matmul, permute_rows
 from qwenjax.ops.moe_dispatch import block_rows, combine_rows, gather_rows
 from qwenjax.sharding import make_mesh, target_platform
 
@@ -85,11 +85,12 @@ def grouped_rows_ffn(rows, row_expert, w_gate, w_up, w_down, *, bm: int, impl: s
     order = jnp.argsort(row_expert, stable=True).astype(jnp.int32)
     sizes = jnp.bincount(row_expert, length=El + 1).astype(jnp.int32)
     if impl == "ragged":  # empty rows sort last, outside every group: ragged_dot leaves them 0
-        x = rows[order]
+        inverse = jnp.argsort(order).astype(jnp.int32)
+        x = permute_rows(rows, order, inverse)
         h = jax.nn.silu(grouped_matmul(x, w_gate, sizes[:El]))
         h = h * grouped_matmul(x, w_up, sizes[:El])
         y = grouped_matmul(h, w_down, sizes[:El])
-        return jnp.zeros_like(y).at[order].set(y)
+        return permute_rows(y, inverse, order)
     # Blocked: every group padded to a multiple of bm rows, under a static bound on the blocks.
     padded = -(-sizes // bm) * bm
     nb = -(-(R + (El + 1) * (bm - 1)) // bm)
@@ -115,7 +116,7 @@ def grouped_rows_ffn(rows, row_expert, w_gate, w_up, w_down, *, bm: int, impl: s
 
 
 def _local_expert_parallel(x, weights, experts, w_gate, w_up, w_down, *, E, ep, axis, tensor,
-                           token_axes, capacity_factor, bm, impl, exchange):
+                           token_axes, capacity_factor, buffer_factor, bm, impl, exchange):
     """Per-device body. x [b,t,D], weights/experts [b,t,k] -> (y [b,t,D], dropped rows)."""
     b, t, D = x.shape
     k = experts.shape[-1]
@@ -131,8 +132,10 @@ def _local_expert_parallel(x, weights, experts, w_gate, w_up, w_down, *, E, ep, 
         filled = plan.src_row[:R] < M
         send_e = jnp.where(filled, flat_e[jnp.minimum(plan.src_row[:R], M - 1)] % El, El)
         send_e = send_e.astype(jnp.int32)
+        lost = jnp.zeros((), F32)
         if S is None:
-            there, back_again = _ragged_routes(flat_e // El, ep, M, axis)
+            cap = ep * M if buffer_factor <= 0 else min(ep * M, -(-int(buffer_factor * M) // 8) * 8)
+            there, back_again, lost = _ragged_routes(flat_e // El, ep, M, axis, cap)
             recv, recv_e = there(send, 0), there(send_e, El)
         else:
             def to_owner(a):  # [ep*S, ...] by destination -> [ep*S, ...] by source
@@ -154,7 +157,7 @@ def _local_expert_parallel(x, weights, experts, w_gate, w_up, w_down, *, E, ep, 
         back = back_again(y)
         back = jnp.concatenate([back, jnp.zeros((1, D), back.dtype)])  # sentinel slot R
         out = combine_rows(back, weights.astype(F32), plan.pos, plan.src_row)
-        return out.astype(x.dtype), jnp.sum(~plan.kept).astype(F32)
+        return out.astype(x.dtype), jnp.sum(~plan.kept).astype(F32) + lost
 
     if capacity_factor > 0:
         C = max(1, math.ceil(capacity_factor * M / E))
@@ -179,30 +182,36 @@ def _local_expert_parallel(x, weights, experts, w_gate, w_up, w_down, *, E, ep, 
     return out.reshape(b, t, D), jax.lax.psum(dropped, token_axes)
 
 
-def _ragged_routes(dest, ep: int, M: int, axis: str):
+def _ragged_routes(dest, ep: int, M: int, axis: str, cap: int):
     """Send functions for rows sorted by destination device `dest` [M] (non-decreasing after
-    the sort): `there(rows, fill)` -> [ep*M, ...] rows grouped by source on their owner (rest
-    filled), `back(rows)` -> [M, ...] the owner's rows returned into the sender's order.
-    Offsets come from the all-gathered [source, destination] row-count matrix."""
-    sizes = jnp.bincount(dest, length=ep).astype(jnp.int32)  # rows I send to each device
-    matrix = jax.lax.all_gather(sizes, axis)  # [src, dst]
+    the sort): `there(rows, fill)` -> [cap, ...] rows grouped by source on their owner (rest
+    filled), `back(rows)` -> [M, ...] the owner's rows returned into the sender's order (rows
+    that were not sent come back zero), and the number of this device's rows not sent.
+    Offsets come from the all-gathered [source, destination] row-count matrix. A receive buffer
+    of cap < ep*M rows (the worst case) takes each source's rows in source order until full;
+    the rest of a source's rows for that device (its last local experts') are dropped."""
+    sizes = jnp.bincount(dest, length=ep).astype(jnp.int32)  # rows I have for each device
+    wanted = jax.lax.all_gather(sizes, axis)  # [src, dst]
+    before = jnp.cumsum(wanted, axis=0) - wanted  # rows of earlier sources, per destination
+    matrix = jnp.clip(cap - before, 0, wanted)  # rows accepted, [src, dst]
     me = jax.lax.axis_index(axis)
     exclusive = lambda a: jnp.cumsum(a) - a
+    sent = matrix[me]  # rows I send to each device
     send_off = exclusive(sizes)  # where my rows for each device start in my buffer
     recv_sizes = matrix[:, me]  # rows I receive from each source
     recv_off = exclusive(recv_sizes)  # where each source's rows start in my output
     out_off = (jnp.cumsum(matrix, axis=0) - matrix)[me]  # where my rows land on each device
-    home = (jnp.cumsum(matrix, axis=1) - matrix)[:, me]  # where each source sent my rows from
+    home = (jnp.cumsum(wanted, axis=1) - wanted)[:, me]  # where each source sent my rows from
 
     def there(rows, fill):
-        out = jnp.full((ep * M, *rows.shape[1:]), fill, rows.dtype)
-        return _ragged_all_to_all(rows, out, send_off, sizes, out_off, recv_sizes, axis, ep)
+        out = jnp.full((cap, *rows.shape[1:]), fill, rows.dtype)
+        return _ragged_all_to_all(rows, out, send_off, sent, out_off, recv_sizes, axis, ep)
 
     def back(rows):
         out = jnp.zeros((M, *rows.shape[1:]), rows.dtype)
-        return _ragged_all_to_all(rows, out, recv_off, recv_sizes, home, sizes, axis, ep)
+        return _ragged_all_to_all(rows, out, recv_off, recv_sizes, home, sent, axis, ep)
 
-    return there, back
+    return there, back, jnp.sum(sizes - sent).astype(F32)
 
 
 def _ragged_all_to_all(operand, output, in_off, send_sizes, out_off, recv_sizes, axis, ep):
@@ -227,8 +236,8 @@ def _ragged_all_to_all(operand, output, in_off, send_sizes, out_off, recv_sizes,
 
 def expert_parallel_ffn(x, weights, experts, w_gate, w_up, w_down, *, mesh, token_spec,
                         expert_axis: str = "expert", tensor_axis: str | None = "tensor",
-                        capacity_factor: float = 0.0, block: int = 256, impl: str = "auto",
-                        exchange: str = "auto"):
+                        capacity_factor: float = 0.0, buffer_factor: float = 0.0,
+                        block: int = 256, impl: str = "auto", exchange: str = "auto"):
     """Routed SwiGLU experts with expert parallelism over `expert_axis`.
 
     x [B,T,D] and weights/experts [B,T,k] are global arrays whose B and T axes are sharded as
@@ -260,7 +269,8 @@ def expert_parallel_ffn(x, weights, experts, w_gate, w_up, w_down, *, mesh, toke
     def body(x, weights, experts, w_gate, w_up, w_down):
         return _local_expert_parallel(
             x, weights, experts, w_gate, w_up, w_down, E=E, ep=ep, axis=expert_axis,
-            tensor=tensor, token_axes=token_axes, capacity_factor=capacity_factor, bm=bm,
+            tensor=tensor, token_axes=token_axes, capacity_factor=capacity_factor,
+            buffer_factor=buffer_factor if exchange == "ragged" else 0.0, bm=bm,
             impl=impl, exchange=exchange,
         )
 
