@@ -261,3 +261,45 @@ def test_collective_group_sizes_in_each_hlo_spelling():
     assert group_size(line) == 8
     assert group_size("reduce-scatter(x), replica_groups=[2,4]<=[8], dimensions={0}") == 4
     assert group_size("collective-permute(x), source_target_pairs={{0,1}}") == 1
+
+
+def test_search_batch_finds_the_largest_fitting_batch(monkeypatch):
+    """The search against a stand-in for the compile whose peak grows linearly with the batch:
+    it returns the largest per-chip batch under HBM, from above and from below the start, and
+    refuses with one line when even a batch of 1 does not fit."""
+    tpu = parse_slice("v5p-8")
+    exp = load_experiment(TINY, SETS)  # batch 8 over 4 batch shards: per-chip start 2
+
+    def search(limit_batch: float):
+        probed = []
+
+        def fake(e, t, mesh=None):
+            b = e.batch_size // e.mesh.batch_ways
+            probed.append(b)
+            return {"fits": b <= limit_batch, "peak_gib": 1.0 + b, "slice": t.name,
+                    "topology": t.topology, "hbm_gib_per_device": 95.0, "largest_buffers": []}
+
+        monkeypatch.setattr(plan_run, "plan_train", fake)
+        best, report = plan_run.search_batch(exp, tpu, mesh=None, log=lambda *_: None)
+        assert report["peak_gib"] == 1.0 + best
+        return best, probed
+
+    best, probed = search(37)
+    assert best == 37 and 38 in probed and len(probed) <= 12
+    best, probed = search(1)  # the start (2) does not fit: halving
+    assert best == 1 and probed[:2] == [2, 1]
+    with pytest.raises(PlanError, match="even a per-chip batch of 1 does not fit v5p-8"):
+        search(0)
+
+
+def test_infer_plans_prefill_and_decode(tmp_path):
+    """--infer compiles prefill and one decode step at each eval length for the slice: both fit
+    the tiny model, the decode step needs less than the prefill, the HLO files are written."""
+    exp = load_experiment(TINY, SETS + ["eval.lengths=[64]", "eval.batch_size=4"])
+    report = plan_run.plan(exp, "v5p-8", infer=True, run_dir=tmp_path / "p", log=lambda *_: None)
+    row = report["infer"]["64"]
+    assert row["prompt_len"] == 64 and row["cache_slots"] >= 64 + 32 and row["batch"] == 4
+    assert row["prefill_fits"] and row["decode_fits"] and report["fits"]
+    assert 0 < row["decode_peak_gib"] <= row["prefill_peak_gib"] < 1
+    for name in ("train_step", "prefill_64", "decode_64"):
+        assert (tmp_path / "p" / f"{name}.hlo.txt").stat().st_size > 1000, name
