@@ -17,7 +17,7 @@ from qwenjax.errors import ConfigError
 
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_MODES = ("full", "outputs", "dots", "none")  # see REMAT_POLICIES in model/transformer.py
-MOE_IMPLS = ("auto", "ragged", "blocked")  # see ops/moe_dispatch.py: grouped_ffn
+MOE_IMPLS = ("auto", "megablox", "ragged", "blocked")  # see ops/moe_dispatch.py: grouped_ffn
 PLATFORMS = ("auto", "cpu", "gpu", "tpu")
 
 
@@ -35,8 +35,9 @@ class RuntimeConfig:
     # rows x D for qwen3-235b-a22b at 4,096 tokens per device); f > 0 = f x the balanced count,
     # rows past it dropped and counted in `dropped_fraction` (MaxText's ragged_buffer_factor).
     moe_buffer_factor: float = 0.0
-    # Grouped expert FFN: "ragged" (`jax.lax.ragged_dot`, XLA:TPU/GPU's grouped matmul),
-    # "blocked" (a scan over fixed row blocks, fastest on CPU), "auto" = by platform.
+    # Grouped expert FFN: "megablox" (Pallas TPU kernels gmm/tgmm; interpret mode elsewhere),
+    # "ragged" (`jax.lax.ragged_dot`, XLA's grouped matmul), "blocked" (a scan over fixed row
+    # blocks, fastest on CPU); "auto" = megablox on TPU, ragged on GPU, blocked on CPU.
     moe_impl: str = "auto"
     # Which platform the kernels are built for: "auto" reads the platform of the mesh's devices
     # (compile-only TPU devices on a CPU host say "tpu"); never the host's default backend.

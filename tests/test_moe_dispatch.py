@@ -93,10 +93,11 @@ def test_blocked_vjp_matches_dense(one_expert):
         assert float(jnp.abs(a - b).max()) <= 1e-5 * max(1.0, float(jnp.abs(b).max()))
 
 
-@pytest.mark.parametrize("bm", [4, 16])
-def test_grouped_matmul_gradients_match_ragged_dot(bm):
-    """Our weight gradient (blocks of real rows in a while loop) against ragged_dot's own VJP:
-    empty groups, groups smaller and larger than a block, rows past the groups, a last block
+@pytest.mark.parametrize("kernel,bm", [("xla", 4), ("xla", 16), ("megablox", 16)])
+def test_grouped_matmul_gradients_match_ragged_dot(kernel, bm):
+    """Both kernels against ragged_dot and its own VJP: our XLA weight gradient (blocks of real
+    rows in a while loop) and megablox's gmm / tgmm (Pallas, interpret mode on CPU); empty
+    groups, groups smaller and larger than a block, rows past the groups (zeros), a last block
     that reaches the buffer's end."""
     from qwenjax.ops.grouped_matmul import grouped_matmul
 
@@ -107,7 +108,7 @@ def test_grouped_matmul_gradients_match_ragged_dot(bm):
         x = jnp.asarray(rng.standard_normal((R, K)), jnp.float32)
         w = jnp.asarray(rng.standard_normal((5, K, N)), jnp.float32)
         ct = jnp.asarray(rng.standard_normal((R, N)), jnp.float32)
-        ours = jax.vjp(lambda x, w, s=sizes: grouped_matmul(x, w, s, bm), x, w)
+        ours = jax.vjp(lambda x, w, s=sizes: grouped_matmul(x, w, s, bm, kernel), x, w)
         ref = jax.vjp(lambda x, w, s=sizes: jax.lax.ragged_dot(x, w, s), x, w)
         assert np.abs(np.asarray(ours[0]) - np.asarray(ref[0])).max() <= 1e-5
         for a, b in zip(ours[1](ct), ref[1](ct)):

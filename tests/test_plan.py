@@ -117,20 +117,21 @@ def test_report_fields_and_files(moe_v5p):
 
 def test_tpu_paths_chosen(moe_v5p, moe35_v6e):
     """Over TPU devices the program is the TPU one: the expert exchange is a ragged all-to-all
-    (XLA:CPU has none) and the grouped matmul XLA:TPU's ragged-dot kernel, not the CPU
-    fallback's blocked scan (which has no ragged dot: see the next test)."""
+    (XLA:CPU has none) and the grouped matmuls megablox's Mosaic kernels (gmm forward and input
+    gradient, tgmm weight gradient), not the CPU fallback's blocked scan (see the next test)."""
     report, run_dir = moe_v5p
     hlo = (run_dir / "train_step.hlo.txt").read_text()
     assert report["collectives"]["ragged-all-to-all"]["count"] >= 2
     # in the layer scan: its bytes count once per layer (2 layers)
     rag = report["collectives"]["ragged-all-to-all"]
     assert rag["in_loops"] == rag["count"] and rag["bytes"] == 2 * rag["static_bytes"]
-    assert any(k.startswith("tpu_custom_call:ragged-dot") for k in report["custom_calls"])
-    assert "ragged-dot" in hlo
+    calls = report["custom_calls"]
+    assert calls.get("tpu_custom_call:gmm", 0) >= 2 and calls.get("tpu_custom_call:tgmm", 0) >= 1
+    assert "pallas_call" in hlo
     report35, _, _ = moe35_v6e
     assert report35["topology"] == "v6e:2x2" and report35["hbm_gib"] == 32
     assert report35["fits"] is True and report35["collectives"]["ragged-all-to-all"]["count"] >= 2
-    assert any(k.startswith("tpu_custom_call:ragged-dot") for k in report35["custom_calls"])
+    assert report35["custom_calls"].get("tpu_custom_call:tgmm", 0) >= 1
 
 
 def _collective_ops(hlo_text: str, kind: str) -> list[int]:
@@ -160,21 +161,25 @@ def test_gradients_reduce_scatter_over_fsdp(preset, tpu):
 
 def test_cpu_platform_takes_blocked_path():
     """The distinction is real: forcing `runtime.platform: cpu` over the same TPU devices traces
-    the CPU fallbacks (blocked scan, padded all-to-all), whose program has neither a ragged dot
-    nor a ragged all-to-all; `tpu` has both (lowering only, no compile)."""
+    the CPU fallbacks (blocked scan, padded all-to-all): no Pallas kernel, no ragged dot, no
+    ragged all-to-all; `tpu` has megablox's kernels and the ragged all-to-all, and
+    `runtime.moe_impl: ragged` (the fallback setting) XLA's ragged dot (lowering only)."""
     from qwenjax.plan import build
     from qwenjax.sharding import check_rules
 
     tpu = parse_slice("v5p-8")
-    for platform, ragged in (("cpu", False), ("tpu", True)):
-        exp = load_experiment(TINY, SETS + [f"runtime.platform={platform}"])
+    cases = (("cpu", "auto", (False, False, False)), ("tpu", "auto", (True, False, True)),
+             ("tpu", "ragged", (False, True, True)))
+    for platform, impl, want in cases:
+        exp = load_experiment(TINY, SETS + [f"runtime.platform={platform}",
+                                            f"runtime.moe_impl={impl}"])
         mesh = plan_run._mesh(exp, tpu)
         lowered, _ = build.lower_train_step(
             exp, exp.model_config(), mesh, check_rules(exp.mesh.rules)
         )
         text = lowered.as_text()
-        assert ("ragged_dot" in text) == ragged, platform
-        assert ("ragged_all_to_all" in text) == ragged, platform
+        got = ("tpu_custom_call" in text, "ragged_dot" in text, "ragged_all_to_all" in text)
+        assert got == want, (platform, impl)
 
 
 def test_does_not_fit_with_small_hbm(moe_v5p, moe35_v6e, monkeypatch):

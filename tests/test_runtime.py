@@ -42,7 +42,7 @@ def test_old_spellings_name_the_new_key(setting, where):
 
 @pytest.mark.parametrize("setting,message", [
     ("runtime.dtype=float8", "runtime.dtype 'float8' is not one of"),
-    ("runtime.moe_impl=megablox", "runtime.moe_impl 'megablox'"),
+    ("runtime.moe_impl=tokamax", "runtime.moe_impl 'tokamax'"),
     ("runtime.platform=tpuu", "runtime.platform 'tpuu'"),
     ("runtime.attn_block=0", "runtime.attn_block must be"),
     ("runtime.moe_capacity_factor=-1", "runtime.moe_capacity_factor must be >= 0"),
@@ -55,17 +55,20 @@ def test_bad_runtime_values(setting, message):
 
 def test_moe_impl_setting_picks_the_kernel():
     """`runtime.moe_impl` overrides the platform's choice: the traced program (jaxpr) of a tiny
-    MoE on one CPU device holds a ragged dot only when asked for one; both give the same output."""
+    MoE on one CPU device holds a ragged dot, or megablox's Pallas kernel (interpret mode), only
+    when asked for one; all give the same output."""
     cfg = qwenjax.load_preset("qwen3-moe-tiny").replace(num_layers=1)
     ids = jnp.asarray(np.random.RandomState(0).randint(0, cfg.vocab_size, (2, 16)))
     outs = {}
-    for impl in ("blocked", "ragged"):
+    for impl in ("blocked", "ragged", "megablox"):
         model = qwenjax.init_model(cfg.with_runtime(moe_impl=impl))
         graphdef, state = nnx.split(model)
         fn = jax.jit(lambda s, t, g=graphdef: nnx.merge(g, s)(t))
-        assert ("ragged_dot" in str(jax.make_jaxpr(fn)(state, ids))) == (impl == "ragged")
+        jaxpr = str(jax.make_jaxpr(fn)(state, ids))
+        assert ("ragged_dot" in jaxpr, "pallas_call" in jaxpr) == (impl == "ragged", impl == "megablox")
         outs[impl] = np.asarray(fn(state, ids))
-    assert np.abs(outs["blocked"] - outs["ragged"]).max() <= 1e-5
+    for impl in ("ragged", "megablox"):
+        assert np.abs(outs["blocked"] - outs[impl]).max() <= 1e-5, impl
 
 
 def test_params_restore_in_stored_dtype_unless_asked(tmp_path):

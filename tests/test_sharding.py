@@ -101,7 +101,7 @@ def test_kernels_follow_the_mesh_platform_not_the_host():
     tpu_mesh = make_mesh({"fsdp": 2, "expert": 2}, devices=devices)
     assert jax.default_backend() == "cpu"
     with activate(tpu_mesh):
-        assert (target_platform(), default_impl()) == ("tpu", "ragged")
+        assert (target_platform(), default_impl()) == ("tpu", "megablox")
     with activate(tpu_mesh, platform="cpu"):
         assert (target_platform(), default_impl()) == ("cpu", "blocked")
     with activate(make_mesh({"expert": 8})):

@@ -41,7 +41,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from qwenjax.ops.grouped_matmul import grouped_matmul, permute_rows
-from qwenjax.ops.moe_dispatch import block_rows, combine_rows, gather_rows
+from qwenjax.ops.moe_dispatch import KERNEL_OF, block_rows, combine_rows, default_impl, gather_rows
 from qwenjax.sharding import make_mesh, target_platform
 
 F32 = jnp.float32
@@ -84,12 +84,11 @@ def grouped_rows_ffn(rows, row_expert, w_gate, w_up, w_down, *, bm: int, impl: s
     El = w_gate.shape[0]
     order = jnp.argsort(row_expert, stable=True).astype(jnp.int32)
     sizes = jnp.bincount(row_expert, length=El + 1).astype(jnp.int32)
-    if impl == "ragged":  # empty rows sort last, outside every group: ragged_dot leaves them 0
+    if impl in KERNEL_OF:  # empty rows sort last, outside every group: they give 0
         inverse = jnp.argsort(order).astype(jnp.int32)
         x = permute_rows(rows, order, inverse)
-        h = jax.nn.silu(grouped_matmul(x, w_gate, sizes[:El]))
-        h = h * grouped_matmul(x, w_up, sizes[:El])
-        y = grouped_matmul(h, w_down, sizes[:El])
+        mm = lambda a, w: grouped_matmul(a, w, sizes[:El], bm, KERNEL_OF[impl])
+        y = mm(jax.nn.silu(mm(x, w_gate)) * mm(x, w_up), w_down)
         return permute_rows(y, inverse, order)
     # Blocked: every group padded to a multiple of bm rows, under a static bound on the blocks.
     padded = -(-sizes // bm) * bm
@@ -256,7 +255,7 @@ def expert_parallel_ffn(x, weights, experts, w_gate, w_up, w_down, *, mesh, toke
     if tensor is not None and F % mesh.shape[tensor]:
         tensor = None
     on_cpu = target_platform() == "cpu"  # the mesh's platform, not the host's
-    impl = ("blocked" if on_cpu else "ragged") if impl == "auto" else impl
+    impl = default_impl() if impl == "auto" else impl
     exchange = ("padded" if on_cpu else "ragged") if exchange == "auto" else exchange
     n_local = x.shape[0] * x.shape[1] // math.prod(
         mesh.shape[a] for axes in token_spec for a in _names(axes)

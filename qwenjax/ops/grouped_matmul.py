@@ -1,47 +1,98 @@
-"""Grouped matmul for MoE experts: y[r] = x[r] @ w[g(r)] over rows sorted by group, with a
-weight gradient whose memory is one block of rows and whose work is the real rows.
+"""Grouped matmul for MoE experts: y[r] = x[r] @ w[g(r)] over rows sorted by group.
 
-`jax.lax.ragged_dot` is the forward and the input gradient (both lower to XLA:TPU's grouped
-matmul kernel, `tpu_custom_call:ragged-dot`). Its own weight gradient, a ragged *contracting*
-dimension, does not: XLA:TPU (libtpu 0.0.42) lowers it as a masked dense product per group and
-materialises [G, rows, D] and [G, rows, F]; for qwen3-235b-a22b on v5p-128 (8 local experts, a
-dropless receive buffer of 524,288 rows) that was 60 GiB of temporaries per device, and G times
-the FLOPs of the buffer. Here the weight gradient walks the real rows instead: block i of bm
-rows belongs to one group, a `while_loop` runs over the ~rows/bm + G blocks that hold rows, and
-each adds x_blk^T dy_blk (fp32 accumulation) into its group's slice.
+Two kernels, one custom VJP:
+- "xla": `jax.lax.ragged_dot` for the forward and the input gradient (XLA:TPU and XLA:GPU lower
+  it to their grouped-matmul kernels, `tpu_custom_call:ragged-dot`). Its own weight gradient, a
+  ragged *contracting* dimension, is not used: XLA:TPU (libtpu 0.0.42) lowers that as a masked
+  dense product per group and materialises [G, rows, D] and [G, rows, F] (for qwen3-235b-a22b
+  on v5p-128, 8 local experts and a 524,288-row receive buffer, 60 GiB per device, and G times
+  the FLOPs). Here the weight gradient walks the real rows instead: block i of bm rows belongs
+  to one group, a `while_loop` runs over the ~rows/bm + G blocks that hold rows, and each adds
+  x_blk^T dy_blk (fp32 accumulation) into its group's slice.
+- "megablox": the Pallas TPU kernels of jax's megablox, `gmm` (forward; input gradient with
+  the weights transposed) and `tgmm` (weight gradient), tiles from `megablox_tiling`. Off TPU
+  they run in Pallas interpret mode (the CPU tests).
 
 Rows past sum(group_sizes) belong to no group: forward and gradients give them zeros, as
-`ragged_dot` does.
+`ragged_dot` does (megablox leaves them unwritten; they are masked).
 """
 
 from __future__ import annotations
 
+import importlib
 from functools import partial
 
 import jax
 import jax.numpy as jnp
 
+from qwenjax.sharding import target_platform
+
 F32 = jnp.float32
+KERNELS = ("xla", "megablox")
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(3,))
-def grouped_matmul(x, w, group_sizes, bm: int = 512):
+@partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def grouped_matmul(x, w, group_sizes, bm: int = 512, kernel: str = "xla"):
     """x [R,K] rows sorted by group, w [G,K,N], group_sizes [G] int32 -> [R,N] in x.dtype."""
+    return _forward(x, w, group_sizes, kernel)
+
+
+def _forward(x, w, group_sizes, kernel):
+    if kernel == "megablox":
+        y = _megablox().gmm(x, w, group_sizes, x.dtype, megablox_tiling(*x.shape, w.shape[2]),
+                            interpret=_interpret())
+        return _zero_tail(y, group_sizes)
     return jax.lax.ragged_dot(x, w, group_sizes)
 
 
-def _fwd(x, w, group_sizes, bm):
-    return jax.lax.ragged_dot(x, w, group_sizes), (x, w, group_sizes)
+def _fwd(x, w, group_sizes, bm, kernel):
+    return _forward(x, w, group_sizes, kernel), (x, w, group_sizes)
 
 
-def _bwd(bm, res, dy):
+def _bwd(bm, kernel, res, dy):
     x, w, group_sizes = res
+    if kernel == "megablox":
+        mb, interpret = _megablox(), _interpret()
+        R, K = x.shape
+        N = w.shape[2]
+        dx = mb.gmm(dy, w, group_sizes, x.dtype, megablox_tiling(R, N, K), transpose_rhs=True,
+                    interpret=interpret)
+        dw = mb.tgmm(x.swapaxes(0, 1), dy, group_sizes, F32, megablox_tiling(R, K, N),
+                     interpret=interpret)
+        return _zero_tail(dx, group_sizes), dw.astype(w.dtype), None
     dx = jax.lax.ragged_dot(dy, jnp.swapaxes(w, 1, 2), group_sizes)
     dw = weight_grad(x, dy, group_sizes, w.shape[0], bm).astype(w.dtype)
     return dx, dw, None
 
 
 grouped_matmul.defvjp(_fwd, _bwd)
+
+
+def _megablox():
+    # The package's `gmm` attribute is the custom-VJP op; its kernels live in the module.
+    return importlib.import_module("jax.experimental.pallas.ops.tpu.megablox.gmm")
+
+
+def _interpret() -> bool:
+    return target_platform() != "tpu"
+
+
+def _zero_tail(y, group_sizes):
+    rows = jnp.arange(y.shape[0])[:, None]
+    return jnp.where(rows < jnp.sum(group_sizes), y, jnp.zeros((), y.dtype))
+
+
+def megablox_tiling(m: int, k: int, n: int) -> tuple[int, int, int]:
+    """(tm, tk, tn) for an [m,k] x [k,n] grouped product: the largest of 512, 256, ... 8 that
+    divides m (megablox needs tm | m), and for k and n the whole dimension up to 512, else the
+    largest of 512/256/128 dividing it (Mosaic takes lane-aligned tiles or whole dimensions;
+    megablox pads a ragged last k or n tile)."""
+
+    def tile(d: int) -> int:
+        return d if d <= 512 else next((t for t in (512, 256, 128) if d % t == 0), 512)
+
+    tm = next((t for t in (512, 256, 128, 64, 32, 16, 8) if m % t == 0), m)
+    return tm, tile(k), tile(n)
 
 
 def weight_grad(x, dy, group_sizes, groups: int, bm: int):

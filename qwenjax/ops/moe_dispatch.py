@@ -28,6 +28,7 @@ from qwenjax.ops.grouped_matmul import grouped_matmul
 from qwenjax.sharding import target_platform
 
 F32 = jnp.float32
+KERNEL_OF = {"ragged": "xla", "megablox": "megablox"}  # grouped_matmul's kernel per impl
 
 
 def route(router_logits, top_k: int, norm_topk_prob: bool):
@@ -45,8 +46,9 @@ def swiglu(x, w_gate, w_up, w_down):
 
 
 def default_impl() -> str:
-    """The grouped FFN for the target platform (the mesh's, not the host's: see sharding)."""
-    return "blocked" if target_platform() == "cpu" else "ragged"
+    """The grouped FFN for the target platform (the mesh's, not the host's: see sharding):
+    megablox's Pallas kernels on TPU, `ragged_dot` on GPU, the blocked scan on CPU."""
+    return {"cpu": "blocked", "tpu": "megablox"}.get(target_platform(), "ragged")
 
 
 def grouped_ffn(x, weights, experts, w_gate, w_up, w_down, *, impl: str = "auto", block: int = 64):
@@ -58,12 +60,13 @@ def grouped_ffn(x, weights, experts, w_gate, w_up, w_down, *, impl: str = "auto"
     N, _ = x.shape
     k = experts.shape[1]
     E = w_gate.shape[0]
-    if impl == "ragged":
+    if impl in ("ragged", "megablox"):
         plan = dispatch_plan(experts, E, 1)
         rows = gather_rows(x, plan.src_row // k, plan.pos)
-        h = jax.nn.silu(grouped_matmul(rows, w_gate, plan.group_sizes))
-        h = h * grouped_matmul(rows, w_up, plan.group_sizes)
-        y = checkpoint_name(grouped_matmul(h, w_down, plan.group_sizes), "moe_rows")
+        kernel = KERNEL_OF[impl]
+        mm = lambda a, w: grouped_matmul(a, w, plan.group_sizes, 512, kernel)
+        h = jax.nn.silu(mm(rows, w_gate)) * mm(rows, w_up)
+        y = checkpoint_name(mm(h, w_down), "moe_rows")
     elif impl == "blocked":
         bm = block_rows(N * k // E, block)
         plan = dispatch_plan(experts, E, bm)

@@ -191,7 +191,13 @@ def _kernel_name(line: str) -> str:
         except ValueError:
             pass
     op = _OPNAME.search(line)
-    return op.group(1).rsplit("/", 1)[-1] if op else "?"
+    if not op:
+        return "?"
+    parts = op.group(1).split("/")
+    if parts[-1] == "pallas_call":  # a Pallas kernel: named by the jitted function around it
+        named = [p[4:-1] for p in parts if p.startswith("jit(") and p.endswith(")")]
+        return named[-1] if len(named) > 1 else "pallas_call"
+    return parts[-1]
 
 
 _INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(\(.*?\)|\S+)\s+([\w\-]+)\(")
