@@ -13,26 +13,27 @@ import contextlib
 import json
 import logging as pylogging
 import os
-import shutil
 import sys
 import time
 import traceback
 from collections.abc import Sequence
-from pathlib import Path
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from qwenjax.atomic import output_dir
+from qwenjax.atomic_remote import check_complete
 from qwenjax.config import ModelConfig
 from qwenjax.errors import CheckpointError, ConfigError
 from qwenjax.hf.safetensors_io import PlannedTensor, read_header, read_tensor, write_shard
 from qwenjax.model.partition import abstract_model, variable_sharding
 from qwenjax.model.transformer import CausalLM
+from qwenjax.paths import absolute, as_path, copy_file, is_url, move
 
 CONFIG_FILE = "model_config.json"
 PASSTHROUGH_FILE = "passthrough.safetensors"
@@ -41,20 +42,20 @@ PASSTHROUGH_FILE = "passthrough.safetensors"
 def save_params(
     model: CausalLM, ckpt_dir: str | os.PathLike, *, overwrite: bool = False,
     inputs: Sequence[str | os.PathLike] = (), extra_files: Sequence[str | os.PathLike] = (),
-) -> Path:
+) -> epath.Path:
     """Write a parameter checkpoint (`qwenjax.atomic.output_dir` rules, kind "params"): a
     non-empty directory that is not a previous parameter checkpoint is refused unless
     `overwrite`; the output may not be or contain `inputs` or the carried tensors' files.
     `extra_files` (the source's tokenizer files) are copied in beside model_config.json."""
-    ckpt_dir = Path(ckpt_dir)
+    ckpt_dir = as_path(ckpt_dir)
     state = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     carried = getattr(model, "hf_passthrough", ())
-    carried_dirs = sorted({str(Path(i.file).parent) for i in carried})
+    carried_dirs = sorted({str(as_path(i.file).parent) for i in carried})
     with output_dir(ckpt_dir, "params", overwrite=overwrite,
                     inputs=[*inputs, *carried_dirs]) as tmp:
         (tmp / CONFIG_FILE).write_text(json.dumps(model.config.to_dict(), indent=2))
         for path in extra_files:
-            shutil.copyfile(path, tmp / Path(path).name)
+            copy_file(path, tmp / as_path(path).name)
         if carried:  # tensors carried through unchanged (mtp.*, model.visual.*), streamed
             write_shard(tmp / PASSTHROUGH_FILE,
                         [PlannedTensor(i.name, i.shape, i.dtype) for i in carried],
@@ -66,7 +67,9 @@ def save_params(
 
 
 def read_model_config(ckpt_dir: str | os.PathLike) -> ModelConfig:
-    path = Path(ckpt_dir) / CONFIG_FILE
+    if is_url(ckpt_dir):  # no rename on object storage: an unfinished write is refused here
+        check_complete(ckpt_dir)
+    path = as_path(ckpt_dir) / CONFIG_FILE
     if not path.exists():
         raise CheckpointError(f"{ckpt_dir}: not a qwenjax parameter checkpoint (no {CONFIG_FILE})")
     try:
@@ -80,7 +83,7 @@ def load_params(
     dtype: str | None = None,
 ) -> CausalLM:
     """Restore a model from a parameter checkpoint, each array into its sharding."""
-    ckpt_dir = Path(ckpt_dir)
+    ckpt_dir = as_path(ckpt_dir)
     cfg = read_model_config(ckpt_dir)
     if dtype:
         cfg = cfg.replace(dtype=dtype)
@@ -93,7 +96,7 @@ def load_params(
 
     flat = nnx.to_flat_state(state)
     target = nnx.to_pure_dict(nnx.from_flat_state([(p, v.replace(abstract(v))) for p, v in flat]))
-    path = ckpt_dir.resolve() / "params"
+    path = absolute(ckpt_dir) / "params"
     if not path.exists():
         raise CheckpointError(f"{ckpt_dir}: no params/ directory")
     try:
@@ -125,7 +128,7 @@ class RunCheckpointer:
     """
 
     def __init__(self, directory: str | os.PathLike, *, keep: int, async_save: bool):
-        self.directory = Path(directory).resolve()
+        self.directory = absolute(directory)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, enable_async_checkpointing=async_save, create=True,
             # A save killed in flight leaves `N.orbax-checkpoint-tmp-*`; never loaded, so remove
@@ -168,7 +171,7 @@ class RunCheckpointer:
                 "trying an older one")
         return None
 
-    def _set_aside(self, step: int) -> Path:
+    def _set_aside(self, step: int):
         """Rename the step's directory to damaged/<step>-<UTC time> (process 0 does it)."""
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
         dest = self.directory / "damaged" / f"{step}-{stamp}"
@@ -180,7 +183,7 @@ class RunCheckpointer:
                 while dest.exists():
                     n += 1
                     dest = dest.with_name(f"{step}-{stamp}-{n}")
-                os.rename(self.directory / str(step), dest)
+                move(self.directory / str(step), dest)
             except OSError as e:
                 failed = e.strerror or str(e)
         # every host learns whether process 0 managed (no host waits on one that gave up)
@@ -206,7 +209,7 @@ class RunCheckpointer:
 def checkpoint_params_shapes(directory: str | os.PathLike) -> dict[str, tuple] | None:
     """{parameter path: (shape, dtype)} in the newest step of a run's checkpoints whose
     metadata reads, or None if none does. Metadata only, no arrays."""
-    directory = Path(directory).resolve()
+    directory = absolute(directory)
     steps = sorted((int(p.name) for p in directory.iterdir() if p.name.isdigit()), reverse=True)
     for step in steps:
         try:

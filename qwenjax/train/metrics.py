@@ -13,7 +13,6 @@ import json
 import os
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -21,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qwenjax.config import ModelConfig
+from qwenjax.paths import append_text, as_path, is_url
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
@@ -65,14 +65,14 @@ def _parse(lines: list[str]) -> list[dict]:
 
 def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
     """The rows of `run_dir/metrics.jsonl`, one per step (the last written wins), by step."""
-    path = Path(run_dir) / "metrics.jsonl"
+    path = as_path(run_dir) / "metrics.jsonl"
     if not path.exists():
         return []
     by_step = {r["step"]: r for r in _parse(path.read_text().splitlines())}
     return [by_step[s] for s in sorted(by_step)]
 
 
-def drop_rows_after(path: Path, step: int) -> int:
+def drop_rows_after(path, step: int) -> int:
     """Keep only the rows of `path` with step <= `step` (the run resumes after it); the file is
     replaced atomically, and only if something goes. The dropped lines are appended to
     `metrics.replaced.jsonl` beside it (a run that fell back past damaged checkpoints keeps
@@ -86,8 +86,10 @@ def drop_rows_after(path: Path, step: int) -> int:
         return 0
     dropped = [json.dumps(r) for r in rows if r["step"] > step]
     if dropped:
-        with open(path.with_name("metrics.replaced.jsonl"), "a") as f:
-            f.write("".join(line + "\n" for line in dropped))
+        append_text(path.with_name("metrics.replaced.jsonl"), "".join(l + "\n" for l in dropped))
+    if is_url(path):  # one object is replaced whole
+        path.write_text("".join(line + "\n" for line in kept))
+        return len(lines) - len(kept)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text("".join(line + "\n" for line in kept))
     os.replace(tmp, path)
@@ -96,10 +98,10 @@ def drop_rows_after(path: Path, step: int) -> int:
 
 class MetricsWriter:
     def __init__(
-        self, run_dir: Path, total_steps: int, *, tensorboard: bool = True, start_step: int = 0
+        self, run_dir, total_steps: int, *, tensorboard: bool = True, start_step: int = 0
     ):
         """`start_step`: the step the run starts after (0, or the restored checkpoint's)."""
-        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path = as_path(run_dir) / "metrics.jsonl"
         self.total = total_steps
         self.t_start = time.perf_counter()
         drop_rows_after(self.path, start_step)
@@ -107,15 +109,15 @@ class MetricsWriter:
         if tensorboard:
             from tensorboardX import SummaryWriter
 
-            self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=start_step + 1)
+            # tensorboardX writes gs:// itself (google-cloud-storage, the whole file per flush)
+            self.tb = SummaryWriter(str(self.path.parent / "tensorboard"), purge_step=start_step + 1)
 
     def write(self, step: int, metrics: dict[str, Any], *, steps_done_this_run: int) -> None:
         row = {"step": step}
         for k, v in metrics.items():
             v = np.asarray(v)
             row[k] = v.item() if v.size == 1 else v.tolist()
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        append_text(self.path, json.dumps(row) + "\n")
         if self.tb is not None:
             for k, v in row.items():
                 if k != "step" and isinstance(v, (int, float)):

@@ -1,0 +1,158 @@
+"""One path type for everything a run reads or writes: local paths and `gs://` URLs alike.
+
+`as_path` gives an `etils.epath.Path` (what Orbax uses): a local path is a plain POSIX path, a
+`gs://bucket/...` URL goes through fsspec (gcsfs), and Orbax's arrays through TensorStore's own
+GCS driver. `pathlib.Path("gs://b/x")` would be a local folder `gs:/b/x`: no code path may build
+a `pathlib.Path` from a user's path without `is_url` saying it is local.
+
+Object storage differs from a disk in three ways that matter here, and the callers handle them:
+no directory rename (outputs carry a completion marker written last, `qwenjax.atomic`), no
+append (`append_text` rewrites the object), and libraries that only open local files (the
+tokenizers' `from_file`, safetensors headers, SentencePiece) read a local copy (`local_copy`).
+
+Pointing the clients at a local emulator (tests): gcsfs and google-cloud-storage read
+`STORAGE_EMULATOR_HOST`; TensorStore reads `TENSORSTORE_GCS_HTTP_URL` and, to skip Google auth,
+`GOOGLE_AUTH_TOKEN_FOR_TESTING`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import pathlib
+import shutil
+import tempfile
+from collections.abc import Iterator
+
+import fsspec
+from etils import epath
+
+# Listings are not cached: hosts of a pod read what another host wrote after a barrier, and a
+# cached listing from before it would hide the new objects.
+for _protocol in ("gs", "gcs"):
+    fsspec.config.conf.setdefault(_protocol, {}).setdefault("use_listings_cache", False)
+
+PathLike = str | os.PathLike
+
+
+def is_url(path: PathLike) -> bool:
+    """True for `scheme://...` (gs://, memory:// ...), False for a local path."""
+    return "://" in os.fspath(path)
+
+
+def as_path(path: PathLike) -> epath.Path:
+    """The path type of qwenjax: local or gs:// alike. A local path stays as written (relative
+    paths stay relative: messages show what the user typed)."""
+    if isinstance(path, epath.Path):
+        return path
+    return epath.Path(os.fspath(path))
+
+
+def absolute(path: PathLike) -> epath.Path:
+    """A local path made absolute with symlinks resolved (Orbax wants absolute paths); a URL
+    is absolute already and is returned unchanged (never resolved against the cwd)."""
+    if is_url(path):
+        return as_path(path)
+    return epath.Path(os.path.realpath(os.path.abspath(os.fspath(path))))
+
+
+def local(path: PathLike) -> pathlib.Path:
+    """A local path as `pathlib.Path`; a URL is refused (a bug, not a user error: the caller
+    should have asked `is_url` first)."""
+    if is_url(path):
+        raise ValueError(f"{os.fspath(path)} is not a local path")
+    return pathlib.Path(os.fspath(path))
+
+
+def _fs_and_path(path: PathLike):
+    return fsspec.core.url_to_fs(os.fspath(path))
+
+
+def glob_files(pattern: str) -> list[epath.Path]:
+    """The files a glob matches (recursive `**` allowed), local or `gs://bucket/dir/*.jsonl`."""
+    if not is_url(pattern):
+        found = glob.glob(pattern, recursive=True)
+        return [epath.Path(p) for p in found if os.path.isfile(p)]
+    fs, inner = _fs_and_path(pattern)
+    scheme = os.fspath(pattern).split("://", 1)[0]
+    return [epath.Path(f"{scheme}://{p}") for p in fs.glob(inner) if fs.isfile(p)]
+
+
+def append_text(path: PathLike, text: str) -> None:
+    """Append to a file; an object (no append on object storage) is read and written whole."""
+    if not is_url(path):
+        with open(path, "a") as f:
+            f.write(text)
+        return
+    p = as_path(path)
+    old = p.read_text() if p.exists() else ""
+    p.write_text(old + text)
+
+
+def rmtree(path: PathLike, ignore_errors: bool = False) -> None:
+    """Delete a directory (or an object prefix) and everything in it."""
+    if not is_url(path):
+        shutil.rmtree(path, ignore_errors=ignore_errors)
+        return
+    fs, inner = _fs_and_path(path)
+    try:
+        if fs.exists(inner):
+            fs.rm(inner, recursive=True)
+    except OSError:
+        if not ignore_errors:
+            raise
+
+
+def move(src: PathLike, dst: PathLike) -> None:
+    """Rename a file or directory; on object storage (no rename) copy every object, then delete
+    the source."""
+    if not is_url(src):
+        os.rename(src, dst)
+        return
+    fs, inner = _fs_and_path(src)
+    _, inner_dst = _fs_and_path(dst)
+    if fs.isdir(inner):
+        for f in fs.find(inner):
+            fs.copy(f, inner_dst + f[len(inner):])
+        fs.rm(inner, recursive=True)
+    else:
+        fs.copy(inner, inner_dst)
+        fs.rm(inner)
+
+
+def copy_file(src: PathLike, dst: PathLike) -> None:
+    """Copy one file; either side may be a URL."""
+    if not is_url(src) and not is_url(dst):
+        shutil.copyfile(src, dst)
+        return
+    with as_path(src).open("rb") as fin, as_path(dst).open("wb") as fout:
+        shutil.copyfileobj(fin, fout, 16 << 20)
+
+
+def size(path: PathLike) -> int:
+    """A file's size in bytes."""
+    if not is_url(path):
+        return os.path.getsize(path)
+    fs, inner = _fs_and_path(path)
+    return fs.size(inner)
+
+
+@contextlib.contextmanager
+def local_copy(path: PathLike) -> Iterator[pathlib.Path]:
+    """A local path holding what `path` holds: the path itself if local, else a temporary
+    download of the file or the directory tree (removed on exit)."""
+    if not is_url(path):
+        yield pathlib.Path(os.fspath(path))
+        return
+    fs, inner = _fs_and_path(path)
+    with tempfile.TemporaryDirectory(prefix="qwenjax-") as tmp:
+        dest = pathlib.Path(tmp) / (inner.rstrip("/").rsplit("/", 1)[-1] or "root")
+        if fs.isdir(inner):
+            for f in fs.find(inner):
+                target = dest / f[len(inner):].lstrip("/")
+                target.parent.mkdir(parents=True, exist_ok=True)
+                fs.get_file(f, str(target))
+        elif fs.exists(inner):
+            fs.get_file(inner, str(dest))
+        yield dest
