@@ -3,6 +3,7 @@
 `emulator()` starts it on 127.0.0.1 at a free port with one in-memory bucket, points every client
 at it through the environment (inherited by the CLI subprocesses the tests start), and stops it:
   gcsfs, google-cloud-storage (tensorboardX)   STORAGE_EMULATOR_HOST
+  (GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false: the Storage Control API is not emulated)
   TensorStore (Orbax's arrays)                 TENSORSTORE_GCS_HTTP_URL, and
                                                GOOGLE_AUTH_TOKEN_FOR_TESTING to skip Google auth
 
@@ -83,6 +84,9 @@ def emulator() -> Iterator[str]:
         "TENSORSTORE_GCS_HTTP_URL": url,
         "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator",
         "GOOGLE_CLOUD_PROJECT": "test",
+        # gcsfs otherwise asks the Storage Control API (gRPC, not emulated) for each bucket's
+        # type and logs a warning every time it gets no answer
+        "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
     }
     saved = {k: os.environ.get(k) for k in env}
     try:

@@ -1,0 +1,188 @@
+"""Runs whose directory is `gs://...`, on a local Cloud Storage emulator (offline).
+
+Every client reaches the emulator: gcsfs (etils.epath's gs:// backend: config, metrics,
+tokenizer, exports), google-cloud-storage (tensorboardX's event files) and TensorStore (Orbax's
+arrays, its own GCS driver); see gcs_emulator.py for how each is pointed at it.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import gcs_emulator
+import numpy as np
+import pytest
+
+from qwenjax.atomic import MARKER, check_output, output_dir, read_marker
+from qwenjax.atomic_remote import PENDING, check_complete
+from qwenjax.errors import OutputError
+from qwenjax.paths import absolute, as_path, is_url, local
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = str(ROOT / "experiments" / "tiny_test.yaml")
+SETS = ("log_every=1", "steps=6", "checkpoint.every=2", "sample_tokens=0")
+
+
+@pytest.fixture(scope="module")
+def bucket():
+    with gcs_emulator.emulator() as url:
+        yield url
+
+
+def _env():
+    return {**os.environ, "PYTHONPATH": str(ROOT)}
+
+
+def _cli(*args, cwd, wait=True):
+    cmd = [sys.executable, "-m", "qwenjax.cli", *map(str, args)]
+    if not wait:
+        return subprocess.Popen(cmd, cwd=cwd, env=_env(), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+    return subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, check=False)
+
+
+def _train(run_dir, cwd, *sets, wait=True):
+    args = ["train", TINY, "--run-dir", run_dir]
+    for s in (*SETS, *sets):
+        args += ["--set", s]
+    return _cli(*args, cwd=cwd, wait=wait)
+
+
+def _rows(run_dir) -> list[dict]:
+    path = as_path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def _names(url) -> list[str]:
+    return sorted(p.name for p in as_path(url).iterdir())
+
+
+def test_a_url_never_becomes_a_local_path():
+    assert is_url("gs://b/runs/x") and not is_url("runs/x")
+    assert str(as_path("gs://b/runs/x") / "metrics.jsonl") == "gs://b/runs/x/metrics.jsonl"
+    assert str(absolute("gs://b/runs/x")) == "gs://b/runs/x"  # not resolved against the cwd
+    with pytest.raises(ValueError, match="not a local path"):
+        local("gs://b/runs/x")
+
+
+def test_output_on_object_storage_marker_last_and_user_files_kept(bucket):
+    target = f"{bucket}/outputs/report"
+    with output_dir(target, "eval-report") as tmp:
+        (tmp / "results.json").write_text("1")
+        (tmp / "plots").mkdir()
+        (tmp / "plots" / "a.png").write_text("png")
+    assert read_marker(target)["files"] == ["plots/a.png", "results.json"]
+    assert _names(target) == [MARKER, "plots", "results.json"]
+    (as_path(target) / "notes.txt").write_text("mine")
+
+    # A second output of the same kind: its files replace the listed ones, the user's file stays.
+    with output_dir(target, "eval-report") as tmp:
+        (tmp / "results.json").write_text("2")
+    assert _names(target) == [MARKER, "notes.txt", "results.json"]
+    assert (as_path(target) / "results.json").read_text() == "2"
+    assert (as_path(target) / "notes.txt").read_text() == "mine"
+
+    # A failed writer uploads nothing: the previous output is as it was.
+    with pytest.raises(RuntimeError), output_dir(target, "eval-report") as tmp:
+        (tmp / "results.json").write_text("3")
+        raise RuntimeError("writer failed")
+    assert (as_path(target) / "results.json").read_text() == "2"
+
+    # Another kind, or a prefix that is not ours, is refused; the user's file is never deleted.
+    with pytest.raises(OutputError, match="expected 'hf-model'"), output_dir(target, "hf-model"):
+        pass
+    with pytest.raises(OutputError, match="bucket no-such-bucket does not exist"):
+        check_output("gs://no-such-bucket/x", "eval-report")
+
+
+def test_an_upload_cut_short_reads_as_incomplete_and_is_replaced(bucket):
+    target = f"{bucket}/outputs/cut"
+    with output_dir(target, "hf-model") as tmp:
+        (tmp / "config.json").write_text("{}")
+    # What a kill during the next upload leaves: the pending marker, no marker, some files.
+    root = as_path(target)
+    (root / MARKER).unlink()
+    (root / PENDING).write_text(json.dumps({"kind": "hf-model", "files": ["config.json", "b"]}))
+    (root / "b").write_text("half")
+    with pytest.raises(OutputError, match="incomplete qwenjax output"):
+        check_complete(target)
+    with output_dir(target, "hf-model") as tmp:  # the same command again replaces it
+        (tmp / "config.json").write_text('{"a": 1}')
+    check_complete(target)
+    assert _names(target) == [MARKER, "config.json"]
+
+
+@pytest.mark.slow
+def test_train_on_gcs_kill_resume_bit_exact_and_export_round_trip(bucket, tmp_path):
+    """A gs:// run killed with SIGKILL after step 3 and resumed logs the uninterrupted local
+    run's losses bit for bit; its export goes gs:// -> import-hf on gs:// -> export-hf to a
+    local directory that transformers loads with the same logits. No process writes a local
+    `gs:` directory."""
+    ref_dir = tmp_path / "ref"
+    r = _train(ref_dir, tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ref = {row["step"]: row["loss"] for row in _rows(ref_dir)}
+
+    run, cwd = f"{bucket}/runs/kill", tmp_path / "cwd"
+    cwd.mkdir()
+    proc = _train(run, cwd, wait=False)
+    committed = as_path(run) / "checkpoints" / "2" / "commit_success.txt"  # Orbax's, on GCS
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not (
+        committed.exists() and max((r["step"] for r in _rows(run)), default=0) >= 3
+    ):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL  # killed mid-run, not finished
+    r = _train(run, cwd)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed from step" in r.stderr
+    rows = _rows(run)
+    assert [row["step"] for row in rows] == list(range(1, 7))
+    for row in rows:
+        assert row["loss"] == ref[row["step"]], row["step"]
+    assert {"config.yaml", "tokenizer", "tensorboard", "checkpoints", "hf"} <= set(_names(run))
+    assert read_marker(f"{run}/hf")["kind"] == "hf-model"
+
+    r = _cli("import-hf", f"{run}/hf", f"{bucket}/ckpt/params", cwd=cwd)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert read_marker(f"{bucket}/ckpt/params")["kind"] == "params"
+    out = tmp_path / "hf_local"
+    r = _cli("export-hf", f"{bucket}/ckpt/params", out, cwd=cwd)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert not any(p.name.startswith("gs:") for p in cwd.iterdir())
+    assert not any(p.name.startswith("gs:") for p in tmp_path.iterdir())
+
+    import torch
+    import transformers
+
+    import qwenjax
+
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
+    ids = tok("def main():\n    return 1", return_tensors="pt").input_ids
+    with torch.no_grad():
+        theirs = hf(ids).logits.numpy()
+    ours = np.asarray(qwenjax.from_pretrained(out)(ids.numpy()))
+    assert np.abs(ours - theirs).max() <= 1e-4
+
+
+@pytest.mark.parametrize("case", ["missing", "truncated"])
+def test_bad_input_on_gcs_is_one_line_and_exit_2(bucket, tmp_path, case):
+    src = f"{bucket}/bad/{case}"
+    if case == "truncated":
+        import qwenjax
+
+        config = qwenjax.load_preset("qwen3-tiny").to_hf_config()
+        (as_path(src) / "config.json").write_text(json.dumps(config))
+        (as_path(src) / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")
+    r = _cli("import-hf", src, tmp_path / "out", cwd=tmp_path)
+    assert r.returncode == 2, r.stderr[-3000:]
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("qwenjax: error:")]
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert src in lines[0]
+    assert not (tmp_path / "out").exists()
