@@ -8,7 +8,8 @@ a `pathlib.Path` from a user's path without `is_url` saying it is local.
 Object storage differs from a disk in three ways that matter here, and the callers handle them:
 no directory rename (outputs carry a completion marker written last, `qwenjax.atomic`), no
 append (`append_text` rewrites the object), and libraries that only open local files (the
-tokenizers' `from_file`, safetensors headers, SentencePiece) read a local copy (`local_copy`).
+tokenizers' `from_file`, `np.fromfile`) are given the bytes instead (`Tokenizer.from_str`, one
+ranged read per safetensors tensor).
 
 Pointing the clients at a local emulator (tests): gcsfs and google-cloud-storage read
 `STORAGE_EMULATOR_HOST`; TensorStore reads `TENSORSTORE_GCS_HTTP_URL` and, to skip Google auth,
@@ -17,13 +18,9 @@ Pointing the clients at a local emulator (tests): gcsfs and google-cloud-storage
 
 from __future__ import annotations
 
-import contextlib
 import glob
 import os
-import pathlib
 import shutil
-import tempfile
-from collections.abc import Iterator
 
 import fsspec
 from etils import epath
@@ -57,14 +54,6 @@ def absolute(path: PathLike) -> epath.Path:
     return epath.Path(os.path.realpath(os.path.abspath(os.fspath(path))))
 
 
-def local(path: PathLike) -> pathlib.Path:
-    """A local path as `pathlib.Path`; a URL is refused (a bug, not a user error: the caller
-    should have asked `is_url` first)."""
-    if is_url(path):
-        raise ValueError(f"{os.fspath(path)} is not a local path")
-    return pathlib.Path(os.fspath(path))
-
-
 def _fs_and_path(path: PathLike):
     return fsspec.core.url_to_fs(os.fspath(path))
 
@@ -77,6 +66,26 @@ def glob_files(pattern: str) -> list[epath.Path]:
     fs, inner = _fs_and_path(pattern)
     scheme = os.fspath(pattern).split("://", 1)[0]
     return [epath.Path(f"{scheme}://{p}") for p in fs.glob(inner) if fs.isfile(p)]
+
+
+def open_read(path: PathLike):
+    """A binary file object for reading, local or an object (plain read-ahead buffering: fsspec's
+    default reader, with its read-ahead thread, hung on the emulator)."""
+    if not is_url(path):
+        return open(path, "rb")
+    fs, inner = _fs_and_path(path)
+    return fs.open(inner, "rb", cache_type="readahead")
+
+
+def read_range(path: PathLike, start: int, length: int) -> bytes:
+    """`length` bytes of a file from `start` (fewer at its end): one ranged GET on object
+    storage (fsspec's buffered reader, with its read-ahead thread, hung on the emulator)."""
+    if not is_url(path):
+        with open(path, "rb") as f:
+            f.seek(start)
+            return f.read(length)
+    fs, inner = _fs_and_path(path)
+    return fs.cat_file(inner, start=start, end=start + length)
 
 
 def append_text(path: PathLike, text: str) -> None:
@@ -136,23 +145,3 @@ def size(path: PathLike) -> int:
         return os.path.getsize(path)
     fs, inner = _fs_and_path(path)
     return fs.size(inner)
-
-
-@contextlib.contextmanager
-def local_copy(path: PathLike) -> Iterator[pathlib.Path]:
-    """A local path holding what `path` holds: the path itself if local, else a temporary
-    download of the file or the directory tree (removed on exit)."""
-    if not is_url(path):
-        yield pathlib.Path(os.fspath(path))
-        return
-    fs, inner = _fs_and_path(path)
-    with tempfile.TemporaryDirectory(prefix="qwenjax-") as tmp:
-        dest = pathlib.Path(tmp) / (inner.rstrip("/").rsplit("/", 1)[-1] or "root")
-        if fs.isdir(inner):
-            for f in fs.find(inner):
-                target = dest / f[len(inner):].lstrip("/")
-                target.parent.mkdir(parents=True, exist_ok=True)
-                fs.get_file(f, str(target))
-        elif fs.exists(inner):
-            fs.get_file(inner, str(dest))
-        yield dest

@@ -2,7 +2,7 @@
 
 `emulator()` starts it on 127.0.0.1 at a free port with one in-memory bucket, points every client
 at it through the environment (inherited by the CLI subprocesses the tests start), and stops it:
-  gcsfs, google-cloud-storage (tensorboardX)   STORAGE_EMULATOR_HOST
+  gcsfs (etils.epath, fsspec)                  STORAGE_EMULATOR_HOST
   (GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false: the Storage Control API is not emulated)
   TensorStore (Orbax's arrays)                 TENSORSTORE_GCS_HTTP_URL, and
                                                GOOGLE_AUTH_TOKEN_FOR_TESTING to skip Google auth

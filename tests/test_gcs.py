@@ -1,8 +1,8 @@
 """Runs whose directory is `gs://...`, on a local Cloud Storage emulator (offline).
 
-Every client reaches the emulator: gcsfs (etils.epath's gs:// backend: config, metrics,
-tokenizer, exports), google-cloud-storage (tensorboardX's event files) and TensorStore (Orbax's
-arrays, its own GCS driver); see gcs_emulator.py for how each is pointed at it.
+Both clients reach the emulator: gcsfs (etils.epath's gs:// backend: config, metrics,
+TensorBoard files, tokenizer, exports, Orbax's directories) and TensorStore (Orbax's arrays, its
+own GCS driver); see gcs_emulator.py for how each is pointed at it.
 """
 
 import json
@@ -20,7 +20,7 @@ import pytest
 from qwenjax.atomic import MARKER, check_output, output_dir, read_marker
 from qwenjax.atomic_remote import PENDING, check_complete
 from qwenjax.errors import OutputError
-from qwenjax.paths import absolute, as_path, is_url, local
+from qwenjax.paths import absolute, as_path, is_url
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = str(ROOT / "experiments" / "tiny_test.yaml")
@@ -61,12 +61,30 @@ def _names(url) -> list[str]:
     return sorted(p.name for p in as_path(url).iterdir())
 
 
-def test_a_url_never_becomes_a_local_path():
+def test_a_url_never_becomes_a_local_path(bucket, tmp_path, monkeypatch):
+    """What a run writes and reads, called on a gs:// run dir from an empty cwd: the objects
+    are in the bucket and the cwd stays empty (`pathlib.Path("gs://b")` would be `gs:/b`)."""
+    from qwenjax.data.tokenizer import load_tokenizer, train_bpe
+    from qwenjax.train.metrics import MetricsWriter, read_metrics
+
     assert is_url("gs://b/runs/x") and not is_url("runs/x")
     assert str(as_path("gs://b/runs/x") / "metrics.jsonl") == "gs://b/runs/x/metrics.jsonl"
     assert str(absolute("gs://b/runs/x")) == "gs://b/runs/x"  # not resolved against the cwd
-    with pytest.raises(ValueError, match="not a local path"):
-        local("gs://b/runs/x")
+    monkeypatch.chdir(tmp_path)
+    run = f"{bucket}/runs/paths"
+    writer = MetricsWriter(run, 3)
+    for step in (1, 2):
+        writer.write(step, {"loss": 1.0 / step, "grad_norm": 0.5, "lr": 0.1},
+                     steps_done_this_run=step)
+    writer.close()
+    MetricsWriter(run, 3, tensorboard=False, start_step=1).close()  # a resume from step 1
+    assert [r["step"] for r in read_metrics(run)] == [1]
+    replaced = (as_path(run) / "metrics.replaced.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in replaced] == [2]
+    assert any(p.name.startswith("events.") for p in (as_path(run) / "tensorboard").iterdir())
+    train_bpe(["def f(x):\n    return x\n"] * 20, 300).save(f"{run}/tokenizer")
+    assert load_tokenizer(f"{run}/tokenizer").encode("def f") != []
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_output_on_object_storage_marker_last_and_user_files_kept(bucket):
@@ -114,6 +132,20 @@ def test_an_upload_cut_short_reads_as_incomplete_and_is_replaced(bucket):
         (tmp / "config.json").write_text('{"a": 1}')
     check_complete(target)
     assert _names(target) == [MARKER, "config.json"]
+
+
+def test_data_globs_on_gcs(bucket):
+    from qwenjax.data.corpus import jsonl_files, text_files
+    from qwenjax.errors import ConfigError
+
+    for i in range(2):
+        rows = [json.dumps({"text": f"doc {i}-{j}"}) for j in range(3)]
+        (as_path(f"{bucket}/data/part-{i}.jsonl")).write_text("\n".join(rows) + "\n\n")
+    corpus = jsonl_files(f"{bucket}/data/*.jsonl")
+    assert len(corpus) == 6
+    assert [corpus[i] for i in (0, 4, 5)] == ["doc 0-0", "doc 1-1", "doc 1-2"]
+    with pytest.raises(ConfigError, match="matches no files"):
+        text_files(f"{bucket}/data/*.txt")
 
 
 @pytest.mark.slow

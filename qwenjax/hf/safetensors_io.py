@@ -21,7 +21,7 @@ import numpy as np
 from etils import epath
 
 from qwenjax.errors import ConversionError
-from qwenjax.paths import as_path, is_url
+from qwenjax.paths import as_path, is_url, read_range
 from qwenjax.paths import size as file_size
 
 DTYPES = {
@@ -48,17 +48,16 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[st
     """Tensor infos and `__metadata__` of one file; ConversionError if truncated or malformed."""
     path = as_path(path)
     size = file_size(path)
-    with path.open("rb") as f:
-        raw = f.read(8)
-        if len(raw) < 8:
-            raise ConversionError(f"{path}: truncated safetensors file (no header)")
-        (n,) = struct.unpack("<Q", raw)
-        if n > min(size - 8, _MAX_HEADER):
-            raise ConversionError(f"{path}: truncated or corrupt safetensors header")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ConversionError(f"{path}: corrupt safetensors header ({e})") from None
+    raw = read_range(path, 0, min(8, size))
+    if len(raw) < 8:
+        raise ConversionError(f"{path}: truncated safetensors file (no header)")
+    (n,) = struct.unpack("<Q", raw)
+    if n > min(size - 8, _MAX_HEADER):
+        raise ConversionError(f"{path}: truncated or corrupt safetensors header")
+    try:
+        header = json.loads(read_range(path, 8, n))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConversionError(f"{path}: corrupt safetensors header ({e})") from None
     meta = header.pop("__metadata__", {}) or {}
     infos, truncated = {}, []
     for name, h in header.items():
@@ -82,9 +81,7 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[st
 def read_tensor(info: TensorInfo) -> np.ndarray:
     count = info.nbytes // info.dtype.itemsize
     if is_url(info.file):  # one ranged read of the object
-        with as_path(info.file).open("rb") as f:
-            f.seek(info.offset)
-            arr = np.frombuffer(bytearray(f.read(info.nbytes)), dtype=info.dtype)
+        arr = np.frombuffer(bytearray(read_range(info.file, info.offset, info.nbytes)), info.dtype)
     else:
         arr = np.fromfile(info.file, dtype=info.dtype, count=count, offset=info.offset)
     if arr.size != count:

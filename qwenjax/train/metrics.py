@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
 from typing import Any
 
@@ -20,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qwenjax.config import ModelConfig
-from qwenjax.paths import append_text, as_path, is_url
+from qwenjax.paths import append_text, as_path, copy_file, is_url
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
@@ -106,11 +108,16 @@ class MetricsWriter:
         self.t_start = time.perf_counter()
         drop_rows_after(self.path, start_step)
         self.tb = None
+        # On object storage the event file is written locally and uploaded whole after each
+        # flush (tensorboardX's own gs:// writer uploads again when garbage-collected, even at
+        # interpreter exit, and needs another client library).
+        self.tb_dir = self.path.parent / "tensorboard"
+        self.tb_stage = tempfile.mkdtemp(prefix="qwenjax-tb-") if is_url(self.tb_dir) else None
         if tensorboard:
             from tensorboardX import SummaryWriter
 
-            # tensorboardX writes gs:// itself (google-cloud-storage, the whole file per flush)
-            self.tb = SummaryWriter(str(self.path.parent / "tensorboard"), purge_step=start_step + 1)
+            logdir = self.tb_stage or str(self.tb_dir)
+            self.tb = SummaryWriter(logdir, purge_step=start_step + 1)
 
     def write(self, step: int, metrics: dict[str, Any], *, steps_done_this_run: int) -> None:
         row = {"step": step}
@@ -123,6 +130,7 @@ class MetricsWriter:
                 if k != "step" and isinstance(v, (int, float)):
                     self.tb.add_scalar(k, v, step)
             self.tb.flush()
+            self._upload_events()
         elapsed = time.perf_counter() - self.t_start
         eta = elapsed / max(steps_done_this_run, 1) * (self.total - step)
         print(
@@ -132,6 +140,14 @@ class MetricsWriter:
             file=sys.stderr, flush=True,
         )
 
+    def _upload_events(self) -> None:
+        if self.tb_stage is not None:
+            for name in sorted(os.listdir(self.tb_stage)):
+                copy_file(os.path.join(self.tb_stage, name), self.tb_dir / name)
+
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+            self._upload_events()
+        if self.tb_stage is not None:
+            shutil.rmtree(self.tb_stage, ignore_errors=True)
