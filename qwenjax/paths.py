@@ -68,18 +68,9 @@ def glob_files(pattern: str) -> list[epath.Path]:
     return [epath.Path(f"{scheme}://{p}") for p in fs.glob(inner) if fs.isfile(p)]
 
 
-def open_read(path: PathLike):
-    """A binary file object for reading, local or an object (plain read-ahead buffering: fsspec's
-    default reader, with its read-ahead thread, hung on the emulator)."""
-    if not is_url(path):
-        return open(path, "rb")
-    fs, inner = _fs_and_path(path)
-    return fs.open(inner, "rb", cache_type="readahead")
-
-
 def read_range(path: PathLike, start: int, length: int) -> bytes:
-    """`length` bytes of a file from `start` (fewer at its end): one ranged GET on object
-    storage (fsspec's buffered reader, with its read-ahead thread, hung on the emulator)."""
+    """`length` bytes of a file from `start` (fewer at its end): on object storage one ranged
+    GET of exactly those bytes (a safetensors tensor), no read-ahead past them."""
     if not is_url(path):
         with open(path, "rb") as f:
             f.seek(start)

@@ -20,6 +20,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 
@@ -58,11 +59,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _wait_listening(port: int, proc: subprocess.Popen, seconds: float = 30) -> None:
+def _wait_listening(port: int, proc: subprocess.Popen, log, seconds: float = 30) -> None:
     deadline = time.time() + seconds
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"the storage emulator exited: {proc.stderr.read()[-2000:]}")
+            log.seek(0)
+            raise RuntimeError(f"the storage emulator exited: {log.read()[-2000:]}")
         with socket.socket() as s:
             if s.connect_ex(("127.0.0.1", port)) == 0:
                 return
@@ -74,9 +76,12 @@ def _wait_listening(port: int, proc: subprocess.Popen, seconds: float = 30) -> N
 def emulator() -> Iterator[str]:
     """Yield "gs://BUCKET" on a fresh emulator; the environment is restored afterwards."""
     port = _free_port()
+    # Its log goes to a file: the emulator prints a traceback for each request a client drops
+    # (a killed process), and an unread pipe would fill and stop it.
+    log = tempfile.TemporaryFile("w+")
     proc = subprocess.Popen(
         [sys.executable, "-c", _LAUNCH, str(port), BUCKET],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.DEVNULL, stderr=log, text=True,
     )
     url = f"http://127.0.0.1:{port}"
     env = {
@@ -90,7 +95,7 @@ def emulator() -> Iterator[str]:
     }
     saved = {k: os.environ.get(k) for k in env}
     try:
-        _wait_listening(port, proc)
+        _wait_listening(port, proc, log)
         os.environ.update(env)
         import gcsfs
 
@@ -103,6 +108,7 @@ def emulator() -> Iterator[str]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        log.close()
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)

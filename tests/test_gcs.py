@@ -33,6 +33,15 @@ def bucket():
         yield url
 
 
+@pytest.fixture(scope="module")
+def local_reference(tmp_path_factory):
+    """{step: loss} of the uninterrupted run, one process, in a local directory."""
+    ref_dir = tmp_path_factory.mktemp("ref") / "run"
+    r = _train(ref_dir, ref_dir.parent)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return {row["step"]: row["loss"] for row in _rows(ref_dir)}
+
+
 def _env():
     return {**os.environ, "PYTHONPATH": str(ROOT)}
 
@@ -149,16 +158,12 @@ def test_data_globs_on_gcs(bucket):
 
 
 @pytest.mark.slow
-def test_train_on_gcs_kill_resume_bit_exact_and_export_round_trip(bucket, tmp_path):
+def test_train_on_gcs_kill_resume_bit_exact_and_export_round_trip(bucket, local_reference, tmp_path):
     """A gs:// run killed with SIGKILL after step 3 and resumed logs the uninterrupted local
     run's losses bit for bit; its export goes gs:// -> import-hf on gs:// -> export-hf to a
     local directory that transformers loads with the same logits. No process writes a local
     `gs:` directory."""
-    ref_dir = tmp_path / "ref"
-    r = _train(ref_dir, tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
-    ref = {row["step"]: row["loss"] for row in _rows(ref_dir)}
-
+    ref = local_reference
     run, cwd = f"{bucket}/runs/kill", tmp_path / "cwd"
     cwd.mkdir()
     proc = _train(run, cwd, wait=False)
@@ -218,3 +223,30 @@ def test_bad_input_on_gcs_is_one_line_and_exit_2(bucket, tmp_path, case):
     assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
     assert src in lines[0]
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_two_hosts_that_share_only_the_bucket_train_like_one(bucket, local_reference, tmp_path):
+    """2 processes x 4 CPU devices, each in its own empty working directory, with a gs:// run
+    dir: host 1 reads the tokenizer host 0 trained from the bucket (after a barrier), Orbax
+    writes one checkpoint from both, and the losses are the one-process run's."""
+    run = f"{bucket}/runs/two-hosts"
+    env = {**_env(), "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    sets = [arg for s in SETS for arg in ("--set", s)]
+    cmd = [sys.executable, "-m", "qwenjax.cli", "train", TINY, "--run-dir", run, *sets,
+           "--distributed", "--coordinator", f"127.0.0.1:{gcs_emulator._free_port()}",
+           "--num-processes", "2"]
+    cwds = [tmp_path / f"host{i}" for i in range(2)]
+    procs = []
+    for i, cwd in enumerate(cwds):
+        cwd.mkdir()
+        procs.append(subprocess.Popen(cmd + ["--process-id", str(i)], cwd=cwd, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=900) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
+    rows = _rows(run)
+    assert [row["step"] for row in rows] == list(range(1, 7))
+    for row in rows:
+        assert abs(row["loss"] - local_reference[row["step"]]) <= 1e-5, row["step"]
+    assert sorted(p.name for p in (as_path(run) / "checkpoints").iterdir()) == ["4", "6"]
+    assert [list(cwd.iterdir()) for cwd in cwds] == [[], []]

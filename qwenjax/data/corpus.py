@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from qwenjax.errors import ConfigError
-from qwenjax.paths import glob_files, open_read
+from qwenjax.paths import as_path, glob_files
 
 
 class Corpus(Sequence[str]):
@@ -115,7 +115,7 @@ def _line_offsets(path: Path) -> np.ndarray:
     """Byte offsets of the non-blank lines of a file: the index that makes lines random-access."""
     offsets = []
     pos = 0
-    with open_read(path) as f:
+    with as_path(path).open("rb") as f:
         for line in f:
             if line.strip():
                 offsets.append(pos)
@@ -124,13 +124,13 @@ def _line_offsets(path: Path) -> np.ndarray:
 
 
 def _jsonl_doc(path: Path, offset: int, field: str) -> str:
-    with open_read(path) as f:
+    with as_path(path).open("rb") as f:
         f.seek(offset)
         raw = f.readline()
 
     # The line number is only needed for the message, so it is counted only on error.
     def where() -> str:
-        with open_read(path) as f:
+        with as_path(path).open("rb") as f:
             line = f.read(offset).count(b"\n") + 1
         return f"{path}:{line}"
 
