@@ -20,7 +20,17 @@ import pytest
 from qwenjax.atomic import MARKER, check_output, output_dir, read_marker
 from qwenjax.atomic_remote import PENDING, check_complete
 from qwenjax.errors import OutputError
-from qwenjax.paths import absolute, as_path, is_url
+from qwenjax.paths import (
+    absolute,
+    append_text,
+    as_path,
+    copy_file,
+    glob_files,
+    is_url,
+    move,
+    read_range,
+    rmtree,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = str(ROOT / "experiments" / "tiny_test.yaml")
@@ -141,6 +151,27 @@ def test_an_upload_cut_short_reads_as_incomplete_and_is_replaced(bucket):
         (tmp / "config.json").write_text('{"a": 1}')
     check_complete(target)
     assert _names(target) == [MARKER, "config.json"]
+
+
+def test_path_operations_on_object_storage(bucket, tmp_path):
+    """The primitives behind set-aside damaged steps (move), undo (rmtree), metrics (append)."""
+    step = as_path(f"{bucket}/ops/checkpoints/7")
+    (step / "state").mkdir(parents=True, exist_ok=True)
+    (step / "state" / "a").write_bytes(b"abc")
+    (step / "b").write_text("b")
+    move(step, f"{bucket}/ops/checkpoints/damaged/7-x")
+    assert not step.exists()
+    moved = as_path(f"{bucket}/ops/checkpoints/damaged/7-x")
+    assert (moved / "state" / "a").read_bytes() == b"abc" and (moved / "b").read_text() == "b"
+    append_text(moved / "log", "1\n")
+    append_text(moved / "log", "2\n")
+    assert (moved / "log").read_text() == "1\n2\n"
+    (tmp_path / "f").write_bytes(b"x" * 1000)
+    copy_file(tmp_path / "f", moved / "f")
+    assert read_range(moved / "f", 990, 100) == b"x" * 10
+    assert [p.name for p in glob_files(f"{bucket}/ops/**/a")] == ["a"]
+    rmtree(f"{bucket}/ops")
+    assert not as_path(f"{bucket}/ops").exists()
 
 
 def test_data_globs_on_gcs(bucket):
