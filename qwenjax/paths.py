@@ -1,9 +1,10 @@
 """One path type for everything a run reads or writes: local paths and `gs://` URLs alike.
 
-`as_path` gives an `etils.epath.Path` (what Orbax uses): a local path is a plain POSIX path, a
-`gs://bucket/...` URL goes through fsspec (gcsfs), and Orbax's arrays through TensorStore's own
-GCS driver. `pathlib.Path("gs://b/x")` would be a local folder `gs:/b/x`: no code path may build
-a `pathlib.Path` from a user's path without `is_url` saying it is local.
+`as_path` gives a `pathlib.Path` for a local path (local behaviour exactly as before) and an
+`etils.epath.Path` (what Orbax uses) for a `gs://bucket/...` URL, which goes through fsspec
+(gcsfs); Orbax's arrays go through TensorStore's own GCS driver. Both have the pathlib API the
+callers use. `pathlib.Path("gs://b/x")` would be a local folder `gs:/b/x`: no code path may
+build a `pathlib.Path` from a user's path without `is_url` saying it is local.
 
 Object storage differs from a disk in three ways that matter here, and the callers handle them:
 no directory rename (outputs carry a completion marker written last, `qwenjax.atomic`), no
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import glob
 import os
+import pathlib
 import shutil
 
 import fsspec
@@ -38,31 +40,31 @@ def is_url(path: PathLike) -> bool:
     return "://" in os.fspath(path)
 
 
-def as_path(path: PathLike) -> epath.Path:
+def as_path(path: PathLike) -> pathlib.Path | epath.Path:
     """The path type of qwenjax: local or gs:// alike. A local path stays as written (relative
     paths stay relative: messages show what the user typed)."""
-    if isinstance(path, epath.Path):
-        return path
-    return epath.Path(os.fspath(path))
+    if is_url(path):
+        return path if isinstance(path, epath.Path) else epath.Path(os.fspath(path))
+    return path if isinstance(path, pathlib.Path) else pathlib.Path(os.fspath(path))
 
 
-def absolute(path: PathLike) -> epath.Path:
+def absolute(path: PathLike) -> pathlib.Path | epath.Path:
     """A local path made absolute with symlinks resolved (Orbax wants absolute paths); a URL
     is absolute already and is returned unchanged (never resolved against the cwd)."""
     if is_url(path):
         return as_path(path)
-    return epath.Path(os.path.realpath(os.path.abspath(os.fspath(path))))
+    return pathlib.Path(os.path.realpath(os.path.abspath(os.fspath(path))))
 
 
 def _fs_and_path(path: PathLike):
     return fsspec.core.url_to_fs(os.fspath(path))
 
 
-def glob_files(pattern: str) -> list[epath.Path]:
+def glob_files(pattern: str) -> list[pathlib.Path | epath.Path]:
     """The files a glob matches (recursive `**` allowed), local or `gs://bucket/dir/*.jsonl`."""
     if not is_url(pattern):
         found = glob.glob(pattern, recursive=True)
-        return [epath.Path(p) for p in found if os.path.isfile(p)]
+        return [pathlib.Path(p) for p in found if os.path.isfile(p)]
     fs, inner = _fs_and_path(pattern)
     scheme = os.fspath(pattern).split("://", 1)[0]
     return [epath.Path(f"{scheme}://{p}") for p in fs.glob(inner) if fs.isfile(p)]
