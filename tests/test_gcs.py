@@ -2,7 +2,9 @@
 
 Both clients reach the emulator: gcsfs (etils.epath's gs:// backend: config, metrics,
 TensorBoard files, tokenizer, exports, Orbax's directories) and TensorStore (Orbax's arrays, its
-own GCS driver); see gcs_emulator.py for how each is pointed at it.
+own GCS driver), the latter once the emulator sends the `x-goog-generation` header real Cloud
+Storage sends; see gcs_emulator.py for how each is pointed at it. Nothing here falls back to
+fsspec's in-memory filesystem.
 """
 
 import json
