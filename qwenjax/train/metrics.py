@@ -107,6 +107,11 @@ class MetricsWriter:
         self.total = total_steps
         self.t_start = time.perf_counter()
         drop_rows_after(self.path, start_step)
+        # An object cannot be appended to: keep its text here and write it whole per row (one
+        # request instead of a read and a write).
+        self.text = None
+        if is_url(self.path):
+            self.text = self.path.read_text() if self.path.exists() else ""
         self.tb = None
         # On object storage the event file is written locally and uploaded whole after each
         # flush (tensorboardX's own gs:// writer uploads again when garbage-collected, even at
@@ -124,7 +129,11 @@ class MetricsWriter:
         for k, v in metrics.items():
             v = np.asarray(v)
             row[k] = v.item() if v.size == 1 else v.tolist()
-        append_text(self.path, json.dumps(row) + "\n")
+        if self.text is None:
+            append_text(self.path, json.dumps(row) + "\n")
+        else:
+            self.text += json.dumps(row) + "\n"
+            self.path.write_text(self.text)
         if self.tb is not None:
             for k, v in row.items():
                 if k != "step" and isinstance(v, (int, float)):
