@@ -76,13 +76,6 @@ def _wait_listening(port: int, proc: subprocess.Popen, log, seconds: float = 30)
 def emulator() -> Iterator[str]:
     """Yield "gs://BUCKET" on a fresh emulator; the environment is restored afterwards."""
     port = _free_port()
-    # Its log goes to a file: the emulator prints a traceback for each request a client drops
-    # (a killed process), and an unread pipe would fill and stop it.
-    log = tempfile.TemporaryFile("w+")
-    proc = subprocess.Popen(
-        [sys.executable, "-c", _LAUNCH, str(port), BUCKET],
-        stdout=subprocess.DEVNULL, stderr=log, text=True,
-    )
     url = f"http://127.0.0.1:{port}"
     env = {
         "STORAGE_EMULATOR_HOST": url,
@@ -94,23 +87,29 @@ def emulator() -> Iterator[str]:
         "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
     }
     saved = {k: os.environ.get(k) for k in env}
-    try:
-        _wait_listening(port, proc, log)
-        os.environ.update(env)
-        import gcsfs
-
-        gcsfs.GCSFileSystem.clear_instance_cache()  # no client made for another endpoint
-        yield f"gs://{BUCKET}"
-    finally:
-        proc.terminate()
+    # Its log goes to a file: the emulator prints a traceback for each request a client drops
+    # (a killed process), and an unread pipe would fill and stop it.
+    with tempfile.TemporaryFile("w+") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _LAUNCH, str(port), BUCKET],
+            stdout=subprocess.DEVNULL, stderr=log, text=True,
+        )
         try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+            _wait_listening(port, proc, log)
+            os.environ.update(env)
+            import gcsfs
+
+            gcsfs.GCSFileSystem.clear_instance_cache()  # no client made for another endpoint
+            yield f"gs://{BUCKET}"
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
