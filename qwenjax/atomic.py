@@ -26,6 +26,8 @@ the plan / SAE / adapter outputs to come) goes through `output_dir`, so these ru
   the rename (the target may have changed meanwhile). `check_output` runs the same checks alone,
   for commands that must refuse before hours of work (the training run's export).
 - Files and directories get the process umask's permissions (no 0700 / 0600 temporaries).
+- A `gs://` target (no directory rename there) follows the same rules with the marker as the
+  completion marker: `qwenjax.atomic_remote`.
 """
 
 from __future__ import annotations
@@ -40,7 +42,9 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from qwenjax import atomic_remote
 from qwenjax.errors import OutputError
+from qwenjax.paths import as_path, is_url
 
 MARKER = ".qwenjax-output.json"
 _FLAG = "pass --overwrite (overwrite=True in Python) to replace it"
@@ -49,7 +53,7 @@ _FLAG = "pass --overwrite (overwrite=True in Python) to replace it"
 def read_marker(directory: str | os.PathLike) -> dict | None:
     """The marker of a qwenjax output directory ({"kind", "files", ...}), or None."""
     try:
-        marker = json.loads((Path(directory) / MARKER).read_text())
+        marker = json.loads((as_path(directory) / MARKER).read_text())
     except (OSError, ValueError):
         return None
     ok = isinstance(marker, dict) and isinstance(marker.get("kind"), str)
@@ -77,6 +81,9 @@ def check_output(
     inputs: Iterable[str | os.PathLike] = (),
 ) -> None:
     """Raise OutputError if `output_dir(target, kind, ...)` would refuse; writes nothing."""
+    if is_url(target):
+        atomic_remote.check_output(target, kind, overwrite=overwrite, inputs=inputs)
+        return
     _inspect(_real(target), Path(target), kind, overwrite, inputs)
 
 
@@ -91,6 +98,10 @@ def output_dir(
     """Yield an empty temporary directory to write the output into; on success it becomes
     `target` (rules in the module docstring). `inputs`: paths the writer reads from, which the
     output may not be, lie in, or contain."""
+    if is_url(target):
+        with atomic_remote.output_dir(target, kind, overwrite=overwrite, inputs=inputs) as tmp:
+            yield tmp
+        return
     shown, real, inputs = Path(target), _real(target), list(inputs)
     _inspect(real, shown, kind, overwrite, inputs)
     created = _make_parents(real.parent, shown)
@@ -131,6 +142,8 @@ def _inspect(real: Path, shown: Path, kind: str, overwrite: bool, inputs) -> str
     """-> "new" | "empty" | "foreign" (replaced whole, overwrite given) | the marker of a
     previous output of this kind."""
     for src in inputs:
+        if is_url(src):  # a local output cannot be inside a bucket
+            continue
         src_real = _real(src)
         if real == src_real or src_real in real.parents:
             raise OutputError(f"output {shown} is inside its own input {src}; choose another path")

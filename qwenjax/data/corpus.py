@@ -7,7 +7,7 @@ than memory costs only its index.
 
 - `stdlib_corpus`: the Python standard library's own `.py` files (CPython 3.11: ~800 files,
   ~13 MB), the built-in dataset that exists offline on every machine, so examples need no download.
-- `text_files`: local files or globs, one document per file.
+- `text_files`: files or globs (local or gs://), one document per file.
 - `jsonl_files`: JSONL files, one document per line, taken from one string field.
 - `concat`: several sources one after another.
 - `qwenjax.data.passkey.passkey_corpus`: synthetic passkey-retrieval documents (its own module).
@@ -18,7 +18,6 @@ the file, line and field.
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import sysconfig
@@ -28,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from qwenjax.errors import ConfigError
+from qwenjax.paths import as_path, glob_files
 
 
 class Corpus(Sequence[str]):
@@ -88,7 +88,7 @@ def _expand(patterns: list[str] | str, what: str) -> list[Path]:
         raise ConfigError(f"{what}: no file patterns given")
     found: set[Path] = set()
     for pattern in patterns:
-        matched = [Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file()]
+        matched = glob_files(pattern)
         if not matched:
             raise ConfigError(f"{what}: {pattern!r} matches no files")
         found.update(matched)
@@ -105,7 +105,7 @@ def _read_utf8(path: Path) -> str:
 
 
 def text_files(patterns: list[str] | str) -> Corpus:
-    """Local text files, one document per file, sorted by path. Each pattern is a path or glob
+    """Text files (local or gs://), one document per file, sorted by path. Each pattern is a path or glob
     and must match at least one file."""
     paths = _expand(patterns, "text_files")
     return Corpus(f"text_files:{patterns}", len(paths), lambda i: _read_utf8(paths[i]))
@@ -115,7 +115,7 @@ def _line_offsets(path: Path) -> np.ndarray:
     """Byte offsets of the non-blank lines of a file: the index that makes lines random-access."""
     offsets = []
     pos = 0
-    with open(path, "rb") as f:
+    with as_path(path).open("rb") as f:
         for line in f:
             if line.strip():
                 offsets.append(pos)
@@ -124,13 +124,13 @@ def _line_offsets(path: Path) -> np.ndarray:
 
 
 def _jsonl_doc(path: Path, offset: int, field: str) -> str:
-    with open(path, "rb") as f:
+    with as_path(path).open("rb") as f:
         f.seek(offset)
         raw = f.readline()
 
     # The line number is only needed for the message, so it is counted only on error.
     def where() -> str:
-        with open(path, "rb") as f:
+        with as_path(path).open("rb") as f:
             line = f.read(offset).count(b"\n") + 1
         return f"{path}:{line}"
 

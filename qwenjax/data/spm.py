@@ -32,12 +32,12 @@ Packing adds eos by id, so this only matters for text that contains such strings
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, normalizers
 
 from qwenjax.errors import ConfigError
+from qwenjax.paths import as_path
 
 SPACE = "▁"  # U+2581, SentencePiece's visible space
 # ModelPiece.Type and TrainerSpec.ModelType values of sentencepiece_model.proto.
@@ -49,7 +49,7 @@ def read_model_proto(path: str | os.PathLike):
     """The `ModelProto` of a SentencePiece `.model` file, or a `ConfigError` naming the file."""
     from sentencepiece import sentencepiece_model_pb2
 
-    path = Path(path)
+    path = as_path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: no SentencePiece model file found")
     proto = sentencepiece_model_pb2.ModelProto()

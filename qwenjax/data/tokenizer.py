@@ -17,13 +17,13 @@ import json
 import os
 import secrets
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import tokenizers
 from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 
 from qwenjax.errors import ConfigError
+from qwenjax.paths import as_path, is_url
 
 # The pre-tokenizer regex of Qwen2, Qwen2.5 and Qwen3 (their tokenizer.json `Split` pattern).
 QWEN2_PATTERN = (
@@ -99,7 +99,7 @@ class HFTokenizer:
     def save(self, directory: str | os.PathLike) -> None:
         """Write `tokenizer.json` and `tokenizer_config.json` into `directory` (created if
         needed; other files there are left alone). Each file is replaced atomically."""
-        directory = Path(directory)
+        directory = as_path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         config = {
             "tokenizer_class": "PreTrainedTokenizerFast",
@@ -119,7 +119,10 @@ class HFTokenizer:
         return f"HFTokenizer(vocab_size={self.vocab_size}, eos={self.eos_token!r})"
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def _write_atomic(path, text: str) -> None:
+    if is_url(path):  # one object is written whole or not at all
+        path.write_text(text)
+        return
     # open(..., "x") rather than tempfile.mkstemp: the file gets the umask's permissions (mkstemp
     # makes it 0600, which no other user or serving container could read).
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
@@ -189,7 +192,7 @@ def load_tokenizer(path: str | os.PathLike) -> HFTokenizer:
     it names them; otherwise `<|endoftext|>` is used for both, as in Qwen base models. A
     SentencePiece model names its own.
     """
-    path = Path(path)
+    path = as_path(path)
     if path.suffix == ".model":
         from qwenjax.data.spm import load_sentencepiece
 
@@ -198,7 +201,7 @@ def load_tokenizer(path: str | os.PathLike) -> HFTokenizer:
     if not file.is_file():
         raise ConfigError(f"{path}: no tokenizer.json found")
     try:
-        backend = tokenizers.Tokenizer.from_file(str(file))
+        backend = tokenizers.Tokenizer.from_str(file.read_text("utf-8"))
     except Exception as e:  # noqa: BLE001 - the Rust library raises bare Exception on bad JSON
         raise ConfigError(f"{file}: not a Hugging Face tokenizer file ({e})") from None
     config: dict = {}

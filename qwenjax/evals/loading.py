@@ -26,13 +26,14 @@ from qwenjax.errors import ConfigError
 from qwenjax.experiment import ExperimentConfig
 from qwenjax.model.partition import abstract_model
 from qwenjax.model.transformer import CausalLM
+from qwenjax.paths import as_path
 from qwenjax.sharding import check_rules, make_mesh
 
 CONTEXT_KEYS = ("rope", "max_position_embeddings")
 
 
 def model_source(exp: ExperimentConfig, run_dir: str | Path) -> Path:
-    return Path(exp.eval.model or exp.init_from or run_dir)
+    return as_path(exp.eval.model or exp.init_from or run_dir)
 
 
 def load(exp: ExperimentConfig, run_dir: str | Path) -> tuple[CausalLM, Tokenizer, Path]:
@@ -43,7 +44,7 @@ def load(exp: ExperimentConfig, run_dir: str | Path) -> tuple[CausalLM, Tokenize
 
     src = model_source(exp, run_dir)
     mesh, rules = eval_mesh(exp), check_rules(exp.mesh.rules)
-    tok_dirs = [Path(exp.tokenizer.path)] if exp.tokenizer.kind == "hf" else []
+    tok_dirs = [as_path(exp.tokenizer.path)] if exp.tokenizer.kind == "hf" else []
     if (src / "hf" / "config.json").exists():  # a training run
         src = src / "hf"
         tok_dirs += [src, src.parent / "tokenizer"]

@@ -28,6 +28,7 @@ from qwenjax.evals.perplexity import run_perplexity
 from qwenjax.evals.report import write_all
 from qwenjax.evals.tasks import Sample, TaskContext, sample_rng, score
 from qwenjax.experiment import EVAL_TASKS, EvalConfig, ExperimentConfig
+from qwenjax.paths import as_path
 
 # name -> (sample builder, has a depth axis)
 GENERATION_TASKS: dict[str, tuple[Callable[..., Sample], bool]] = {
@@ -169,7 +170,7 @@ def run_experiment(
     from qwenjax.evals.model_api import QwenJaxModel
     from qwenjax.sharding import check_rules
 
-    out = Path(out_dir or exp.eval.output_dir or Path(run_dir) / "eval")
+    out = as_path(out_dir or exp.eval.output_dir or as_path(run_dir) / "eval")
     check_output(out, "eval-report", overwrite=overwrite)  # before loading a model for nothing
     model, tokenizer, src = load(exp, run_dir)
     # Under the experiment's mesh: with `context` > 1, prefill and scoring are sequence-parallel.

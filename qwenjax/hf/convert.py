@@ -18,20 +18,20 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import sys
 from collections.abc import Sequence
 from functools import cache
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+from etils import epath
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from qwenjax.atomic import output_dir
+from qwenjax.atomic_remote import check_complete
 from qwenjax.config import FUSED_EXPERTS_KEY, WRAPPER_KEY, ModelConfig
 from qwenjax.errors import ConfigError, ConversionError
 from qwenjax.hf.names import TensorMap, passthrough_prefixes, tensor_table, uses_fused_experts
@@ -46,14 +46,15 @@ from qwenjax.hf.safetensors_io import (
 )
 from qwenjax.model.partition import abstract_model, variable_sharding
 from qwenjax.model.transformer import CausalLM
+from qwenjax.paths import as_path, copy_file, is_url
 from qwenjax.runtime import RuntimeConfig
 
 NP_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16),
              "float16": np.dtype(np.float16)}
 
 
-def read_hf_config(hf_dir: Path) -> dict:
-    path = Path(hf_dir) / "config.json"
+def read_hf_config(hf_dir: str | os.PathLike) -> dict:
+    path = as_path(hf_dir) / "config.json"
     if not path.exists():
         raise ConversionError(f"{hf_dir}: no config.json (is this a Hugging Face model directory?)")
     try:
@@ -135,7 +136,9 @@ def from_pretrained(
     with `runtime` (default RuntimeConfig(): fp32); parameters are stored in its param_dtype."""
     runtime = runtime or RuntimeConfig()
     param_dtype = runtime.param_dtype
-    hf_dir = Path(hf_dir)
+    hf_dir = as_path(hf_dir)
+    if is_url(hf_dir):  # no rename on object storage: an unfinished export is refused here
+        check_complete(hf_dir)
     try:
         cfg = ModelConfig.from_hf_config(read_hf_config(hf_dir))
         cfg = cfg.replace(runtime=runtime)
@@ -216,7 +219,7 @@ def save_pretrained(
     overwrite: bool = False,
     inputs: Sequence[str | os.PathLike] = (),
     extra_files: Sequence[str | os.PathLike] = (),
-) -> Path:
+) -> epath.Path:
     """Write `model` as a Hugging Face directory that `transformers` loads (Hub tensor names).
 
     `generation` (token ids: eos/bos/pad) goes into generation_config.json and config.json; by
@@ -228,8 +231,8 @@ def save_pretrained(
     as they are (tokenizer files carried by a parameter checkpoint).
     """
     cfg = model.config
-    out_dir = Path(out_dir)
-    carried_dirs = {str(Path(i.file).parent) for i in getattr(model, "hf_passthrough", ())}
+    out_dir = as_path(out_dir)
+    carried_dirs = {str(as_path(i.file).parent) for i in getattr(model, "hf_passthrough", ())}
     name = export_dtype(cfg, dtype)
     np_dtype = NP_DTYPES[name]
     table = tensor_table(cfg, fused_experts=bool(cfg.extra.get(FUSED_EXPERTS_KEY)))
@@ -277,7 +280,7 @@ def save_pretrained(
             gen = {"_from_model_config": True, **ids}
             (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2, sort_keys=True))
         for path in extra_files:
-            shutil.copyfile(path, tmp / Path(path).name)
+            copy_file(path, tmp / as_path(path).name)
         if tokenizer is not None:
             tokenizer.save(tmp)
     return out_dir
@@ -292,8 +295,8 @@ TOKENIZER_FILES = (
 )
 
 
-def tokenizer_files(directory: str | os.PathLike) -> list[Path]:
-    return [Path(directory) / n for n in TOKENIZER_FILES if (Path(directory) / n).is_file()]
+def tokenizer_files(directory: str | os.PathLike) -> list[epath.Path]:
+    return [as_path(directory) / n for n in TOKENIZER_FILES if (as_path(directory) / n).is_file()]
 
 
 def _token_ids(cfg: ModelConfig) -> dict:

@@ -18,8 +18,11 @@ from pathlib import Path
 
 import ml_dtypes
 import numpy as np
+from etils import epath
 
 from qwenjax.errors import ConversionError
+from qwenjax.paths import as_path, is_url, read_range
+from qwenjax.paths import size as file_size
 
 DTYPES = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
@@ -34,28 +37,27 @@ _MAX_HEADER = 100 * 1024 * 1024
 @dataclass(frozen=True)
 class TensorInfo:
     name: str
-    file: Path
+    file: epath.Path  # local or gs://
     dtype: np.dtype
     shape: tuple[int, ...]
     offset: int  # absolute byte offset in the file
     nbytes: int
 
 
-def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     """Tensor infos and `__metadata__` of one file; ConversionError if truncated or malformed."""
-    path = Path(path)
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) < 8:
-            raise ConversionError(f"{path}: truncated safetensors file (no header)")
-        (n,) = struct.unpack("<Q", raw)
-        if n > min(size - 8, _MAX_HEADER):
-            raise ConversionError(f"{path}: truncated or corrupt safetensors header")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ConversionError(f"{path}: corrupt safetensors header ({e})") from None
+    path = as_path(path)
+    size = file_size(path)
+    raw = read_range(path, 0, min(8, size))
+    if len(raw) < 8:
+        raise ConversionError(f"{path}: truncated safetensors file (no header)")
+    (n,) = struct.unpack("<Q", raw)
+    if n > min(size - 8, _MAX_HEADER):
+        raise ConversionError(f"{path}: truncated or corrupt safetensors header")
+    try:
+        header = json.loads(read_range(path, 8, n))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConversionError(f"{path}: corrupt safetensors header ({e})") from None
     meta = header.pop("__metadata__", {}) or {}
     infos, truncated = {}, []
     for name, h in header.items():
@@ -78,15 +80,18 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
 
 def read_tensor(info: TensorInfo) -> np.ndarray:
     count = info.nbytes // info.dtype.itemsize
-    arr = np.fromfile(info.file, dtype=info.dtype, count=count, offset=info.offset)
+    if is_url(info.file):  # one ranged read of the object
+        arr = np.frombuffer(bytearray(read_range(info.file, info.offset, info.nbytes)), info.dtype)
+    else:
+        arr = np.fromfile(info.file, dtype=info.dtype, count=count, offset=info.offset)
     if arr.size != count:
         raise ConversionError(f"{info.file}: tensor {info.name} is truncated")
     return arr.reshape(info.shape)
 
 
-def index_checkpoint(hf_dir: Path) -> dict[str, TensorInfo]:
+def index_checkpoint(hf_dir: str | os.PathLike) -> dict[str, TensorInfo]:
     """All tensors of an HF directory: `model.safetensors` or the shards of its index."""
-    hf_dir = Path(hf_dir)
+    hf_dir = as_path(hf_dir)
     index = hf_dir / "model.safetensors.index.json"
     if index.exists():
         try:

@@ -23,7 +23,6 @@ import math
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from functools import partial
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -36,6 +35,7 @@ from qwenjax.errors import ConfigError, GenerationError
 from qwenjax.infer.cache import context_multiple, decode_step, init_cache, left_pad, prefill
 from qwenjax.infer.sampling import Sampling, sample
 from qwenjax.model.transformer import Cache, CausalLM
+from qwenjax.paths import as_path
 from qwenjax.runtime import RuntimeConfig
 from qwenjax.sharding import activate
 
@@ -282,12 +282,12 @@ def load_for_inference(
     if hf_dir is not None:
         from qwenjax.hf.convert import from_pretrained
 
-        directory = Path(hf_dir)
+        directory = as_path(hf_dir)
         model = from_pretrained(directory, runtime=runtime, mesh=mesh)
     else:
         from qwenjax.train.checkpoint import load_params
 
-        directory = Path(checkpoint_dir)
+        directory = as_path(checkpoint_dir)
         model = load_params(directory, mesh=mesh, runtime=runtime)
     tokenizer = load_tokenizer(directory) if (directory / "tokenizer.json").is_file() else None
     return model, tokenizer

@@ -13,26 +13,27 @@ import contextlib
 import json
 import logging as pylogging
 import os
-import shutil
 import sys
 import time
 import traceback
 from collections.abc import Sequence
-from pathlib import Path
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from qwenjax.atomic import output_dir
+from qwenjax.atomic_remote import check_complete
 from qwenjax.config import ModelConfig
 from qwenjax.errors import CheckpointError, ConfigError
 from qwenjax.hf.safetensors_io import PlannedTensor, read_header, read_tensor, write_shard
 from qwenjax.model.partition import abstract_model, variable_sharding
 from qwenjax.model.transformer import CausalLM
+from qwenjax.paths import absolute, as_path, copy_file, is_url, move
 from qwenjax.runtime import RUNTIME_KEYS, RuntimeConfig
 
 CONFIG_FILE = "model_config.json"
@@ -42,20 +43,20 @@ PASSTHROUGH_FILE = "passthrough.safetensors"
 def save_params(
     model: CausalLM, ckpt_dir: str | os.PathLike, *, overwrite: bool = False,
     inputs: Sequence[str | os.PathLike] = (), extra_files: Sequence[str | os.PathLike] = (),
-) -> Path:
+) -> epath.Path:
     """Write a parameter checkpoint (`qwenjax.atomic.output_dir` rules, kind "params"): a
     non-empty directory that is not a previous parameter checkpoint is refused unless
     `overwrite`; the output may not be or contain `inputs` or the carried tensors' files.
     `extra_files` (the source's tokenizer files) are copied in beside model_config.json."""
-    ckpt_dir = Path(ckpt_dir)
+    ckpt_dir = as_path(ckpt_dir)
     state = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     carried = getattr(model, "hf_passthrough", ())
-    carried_dirs = sorted({str(Path(i.file).parent) for i in carried})
+    carried_dirs = sorted({str(as_path(i.file).parent) for i in carried})
     with output_dir(ckpt_dir, "params", overwrite=overwrite,
                     inputs=[*inputs, *carried_dirs]) as tmp:
         (tmp / CONFIG_FILE).write_text(json.dumps(model.config.to_dict(), indent=2))
         for path in extra_files:
-            shutil.copyfile(path, tmp / Path(path).name)
+            copy_file(path, tmp / as_path(path).name)
         if carried:  # tensors carried through unchanged (mtp.*, model.visual.*), streamed
             write_shard(tmp / PASSTHROUGH_FILE,
                         [PlannedTensor(i.name, i.shape, i.dtype) for i in carried],
@@ -67,7 +68,9 @@ def save_params(
 
 
 def read_model_config(ckpt_dir: str | os.PathLike) -> ModelConfig:
-    path = Path(ckpt_dir) / CONFIG_FILE
+    if is_url(ckpt_dir):  # no rename on object storage: an unfinished write is refused here
+        check_complete(ckpt_dir)
+    path = as_path(ckpt_dir) / CONFIG_FILE
     if not path.exists():
         raise CheckpointError(f"{ckpt_dir}: not a qwenjax parameter checkpoint (no {CONFIG_FILE})")
     try:
@@ -88,9 +91,9 @@ def load_params(
     """Restore a model from a parameter checkpoint, each array into its sharding, to run with
     `runtime`; arrays are restored in its param_dtype. Default: RuntimeConfig() with the
     param_dtype the checkpoint was stored in."""
-    ckpt_dir = Path(ckpt_dir)
+    ckpt_dir = as_path(ckpt_dir)
     cfg = read_model_config(ckpt_dir)
-    path = ckpt_dir.resolve() / "params"
+    path = absolute(ckpt_dir) / "params"
     if not path.exists():
         raise CheckpointError(f"{ckpt_dir}: no params/ directory")
     cfg = cfg.replace(runtime=runtime or RuntimeConfig(param_dtype=_stored_dtype(path)))
@@ -117,7 +120,7 @@ def load_params(
     return model
 
 
-def _stored_dtype(path: Path) -> str:
+def _stored_dtype(path: os.PathLike) -> str:
     """The dtype a parameter checkpoint's arrays were written in (the most common one)."""
     try:
         with ocp.StandardCheckpointer() as ckptr:
@@ -144,7 +147,7 @@ class RunCheckpointer:
     """
 
     def __init__(self, directory: str | os.PathLike, *, keep: int, async_save: bool):
-        self.directory = Path(directory).resolve()
+        self.directory = absolute(directory)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, enable_async_checkpointing=async_save, create=True,
             # A save killed in flight leaves `N.orbax-checkpoint-tmp-*`; never loaded, so remove
@@ -187,7 +190,7 @@ class RunCheckpointer:
                 "trying an older one")
         return None
 
-    def _set_aside(self, step: int) -> Path:
+    def _set_aside(self, step: int):
         """Rename the step's directory to damaged/<step>-<UTC time> (process 0 does it)."""
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
         dest = self.directory / "damaged" / f"{step}-{stamp}"
@@ -199,7 +202,7 @@ class RunCheckpointer:
                 while dest.exists():
                     n += 1
                     dest = dest.with_name(f"{step}-{stamp}-{n}")
-                os.rename(self.directory / str(step), dest)
+                move(self.directory / str(step), dest)
             except OSError as e:
                 failed = e.strerror or str(e)
         # every host learns whether process 0 managed (no host waits on one that gave up)
@@ -225,7 +228,7 @@ class RunCheckpointer:
 def checkpoint_params_shapes(directory: str | os.PathLike) -> dict[str, tuple] | None:
     """{parameter path: (shape, dtype)} in the newest step of a run's checkpoints whose
     metadata reads, or None if none does. Metadata only, no arrays."""
-    directory = Path(directory).resolve()
+    directory = absolute(directory)
     steps = sorted((int(p.name) for p in directory.iterdir() if p.name.isdigit()), reverse=True)
     for step in steps:
         try:

@@ -6,8 +6,6 @@ run loads that file instead of retraining, so token ids never change under a run
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import jax
 
 from qwenjax.data.corpus import jsonl_files, stdlib_corpus, text_files
@@ -16,6 +14,7 @@ from qwenjax.data.passkey import passkey_corpus
 from qwenjax.data.spm import load_sentencepiece
 from qwenjax.data.tokenizer import load_tokenizer, train_bpe
 from qwenjax.experiment import ExperimentConfig
+from qwenjax.paths import as_path
 
 
 def build_corpus(exp: ExperimentConfig):
@@ -29,12 +28,12 @@ def build_corpus(exp: ExperimentConfig):
     return jsonl_files(d.paths, d.text_field)
 
 
-def build_tokenizer(exp: ExperimentConfig, run_dir: Path):
+def build_tokenizer(exp: ExperimentConfig, run_dir):
     if exp.tokenizer.kind == "hf":
         return load_tokenizer(exp.tokenizer.path)
     if exp.tokenizer.kind == "sentencepiece":
         return load_sentencepiece(exp.tokenizer.path)
-    saved = Path(run_dir) / "tokenizer"
+    saved = as_path(run_dir) / "tokenizer"
     if (saved / "tokenizer.json").exists():
         return load_tokenizer(saved)
     corpus = build_corpus(exp)

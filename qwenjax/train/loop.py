@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import sys
 import time
@@ -36,6 +35,7 @@ from qwenjax.errors import ConfigError, QwenJaxError
 from qwenjax.experiment import ExperimentConfig, dump_experiment
 from qwenjax.model.partition import abstract_model, init_sharded
 from qwenjax.ops.context_layout import to_layout
+from qwenjax.paths import as_path, is_url, rmtree
 from qwenjax.sharding import activate, check_rules, make_mesh, mesh_platform
 from qwenjax.train.checkpoint import (
     RunCheckpointer,
@@ -105,7 +105,9 @@ def _steps_on_disk(ckpt_dir: Path) -> list[int]:
 def write_run_config(exp: ExperimentConfig, run_dir: Path) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / "config.yaml"
-    if not path.exists():
+    if is_url(path) and not path.exists():  # one object is written whole or not at all
+        path.write_text(dump_experiment(exp))
+    elif not path.exists():
         tmp = path.with_suffix(f".yaml.tmp{os.getpid()}")
         tmp.write_text(dump_experiment(exp))
         tmp.rename(path)
@@ -120,23 +122,27 @@ class RunDirUndo:
     def __init__(self, run_dir: Path):
         self.run_dir = run_dir
         self.existed = run_dir.is_dir()
-        self.before = set(os.listdir(run_dir)) if self.existed else set()
+        self.before = _names(run_dir) if self.existed else set()
 
     def revert(self) -> None:
         if _steps_on_disk(self.run_dir / "checkpoints") or not self.run_dir.is_dir():
             return
         # Only entries that appeared during this command and are a training run's own (another
         # command, e.g. `qwenjax plan` writing runs/NAME/plan, may have added its own meanwhile).
-        for name in set(os.listdir(self.run_dir)) - self.before:
+        for name in _names(self.run_dir) - self.before:
             if not _is_run_entry(name):
                 continue
             path = self.run_dir / name
-            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink()
-        if not self.existed:
+            rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink()
+        if not self.existed and not is_url(self.run_dir):  # a bucket prefix is no directory
             try:
                 self.run_dir.rmdir()  # only if nothing else is left in it
             except OSError:
                 pass
+
+
+def _names(directory: Path) -> set[str]:
+    return {p.name for p in directory.iterdir()}
 
 
 def _is_run_entry(name: str) -> bool:
@@ -169,7 +175,7 @@ def train(exp: ExperimentConfig, run_dir: str | Path, *, overwrite_export: bool 
     directory, tokenizer file, export target); if the command then fails before the run holds a
     checkpoint, what it added to the run directory is removed (`RunDirUndo`).
     `overwrite_export`: run_dir/hf may replace a directory that is not a qwenjax export."""
-    run_dir = Path(run_dir)
+    run_dir = as_path(run_dir)
     cfg = exp.model_config()
     mesh = make_mesh(exp.mesh.shape())
     rules = check_rules(exp.mesh.rules)

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -21,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qwenjax.config import ModelConfig
+from qwenjax.paths import append_text, as_path, copy_file, is_url
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
@@ -65,14 +67,14 @@ def _parse(lines: list[str]) -> list[dict]:
 
 def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
     """The rows of `run_dir/metrics.jsonl`, one per step (the last written wins), by step."""
-    path = Path(run_dir) / "metrics.jsonl"
+    path = as_path(run_dir) / "metrics.jsonl"
     if not path.exists():
         return []
     by_step = {r["step"]: r for r in _parse(path.read_text().splitlines())}
     return [by_step[s] for s in sorted(by_step)]
 
 
-def drop_rows_after(path: Path, step: int) -> int:
+def drop_rows_after(path, step: int) -> int:
     """Keep only the rows of `path` with step <= `step` (the run resumes after it); the file is
     replaced atomically, and only if something goes. The dropped lines are appended to
     `metrics.replaced.jsonl` beside it (a run that fell back past damaged checkpoints keeps
@@ -86,8 +88,10 @@ def drop_rows_after(path: Path, step: int) -> int:
         return 0
     dropped = [json.dumps(r) for r in rows if r["step"] > step]
     if dropped:
-        with open(path.with_name("metrics.replaced.jsonl"), "a") as f:
-            f.write("".join(line + "\n" for line in dropped))
+        append_text(path.with_name("metrics.replaced.jsonl"), "".join(l + "\n" for l in dropped))
+    if is_url(path):  # one object is replaced whole
+        path.write_text("".join(line + "\n" for line in kept))
+        return len(lines) - len(kept)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text("".join(line + "\n" for line in kept))
     os.replace(tmp, path)
@@ -96,31 +100,46 @@ def drop_rows_after(path: Path, step: int) -> int:
 
 class MetricsWriter:
     def __init__(
-        self, run_dir: Path, total_steps: int, *, tensorboard: bool = True, start_step: int = 0
+        self, run_dir, total_steps: int, *, tensorboard: bool = True, start_step: int = 0
     ):
         """`start_step`: the step the run starts after (0, or the restored checkpoint's)."""
-        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path = as_path(run_dir) / "metrics.jsonl"
         self.total = total_steps
         self.t_start = time.perf_counter()
         drop_rows_after(self.path, start_step)
+        # An object cannot be appended to: keep its text here and write it whole per row (one
+        # request instead of a read and a write).
+        self.text = None
+        if is_url(self.path):
+            self.text = self.path.read_text() if self.path.exists() else ""
         self.tb = None
+        # On object storage the event file is written locally and uploaded whole after each
+        # flush (tensorboardX's own gs:// writer uploads again when garbage-collected, even at
+        # interpreter exit, and needs another client library).
+        self.tb_dir = self.path.parent / "tensorboard"
+        self.tb_stage = tempfile.mkdtemp(prefix="qwenjax-tb-") if is_url(self.tb_dir) else None
         if tensorboard:
             from tensorboardX import SummaryWriter
 
-            self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=start_step + 1)
+            logdir = self.tb_stage or str(self.tb_dir)
+            self.tb = SummaryWriter(logdir, purge_step=start_step + 1)
 
     def write(self, step: int, metrics: dict[str, Any], *, steps_done_this_run: int) -> None:
         row = {"step": step}
         for k, v in metrics.items():
             v = np.asarray(v)
             row[k] = v.item() if v.size == 1 else v.tolist()
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        if self.text is None:
+            append_text(self.path, json.dumps(row) + "\n")
+        else:
+            self.text += json.dumps(row) + "\n"
+            self.path.write_text(self.text)
         if self.tb is not None:
             for k, v in row.items():
                 if k != "step" and isinstance(v, (int, float)):
                     self.tb.add_scalar(k, v, step)
             self.tb.flush()
+            self._upload_events()
         elapsed = time.perf_counter() - self.t_start
         eta = elapsed / max(steps_done_this_run, 1) * (self.total - step)
         print(
@@ -130,6 +149,14 @@ class MetricsWriter:
             file=sys.stderr, flush=True,
         )
 
+    def _upload_events(self) -> None:
+        if self.tb_stage is not None:
+            for name in sorted(os.listdir(self.tb_stage)):
+                copy_file(os.path.join(self.tb_stage, name), self.tb_dir / name)
+
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+            self._upload_events()
+        if self.tb_stage is not None:
+            shutil.rmtree(self.tb_stage, ignore_errors=True)
