@@ -65,6 +65,30 @@ def test_expert_parallel_equals_dense(shape, tokens):
     assert float(dropped) == 0.0
 
 
+def test_fsdp_split_expert_weights_gather_inside_and_reduce_scatter_back():
+    """Expert weights with D split over fsdp (the default axis table) are gathered inside the
+    expert-parallel body: same values and gradients as dense, and the weight gradients leave
+    as reduce-scatters over fsdp (the transpose of the inner all_gather)."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    x, w, weights, experts = problem()
+    mesh = qwenjax.make_mesh({"fsdp": 2, "expert": 4})
+    specs = (P("expert", "fsdp", None), P("expert", "fsdp", None), P("expert", None, "fsdp"))
+    w = tuple(jax.device_put(a, NamedSharding(mesh, s)) for a, s in zip(w, specs))
+
+    def f(x, *w):
+        return expert_parallel_ffn(
+            x, weights.reshape(B, T, K), experts.reshape(B, T, K), *w, mesh=mesh,
+            token_spec=(("fsdp", "expert"), None), embed_axes=("fsdp",),
+        )
+
+    loss = lambda *a: jnp.sum(jnp.sin(f(*a)[0]))
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))
+    assert_close(jax.jit(f)(x, *w)[0], grad(x, *w), *reference(x, w, weights, experts))
+    assert "reduce-scatter" in grad.lower(x, *w).compile().as_text()
+
+
 def test_dropless_when_every_token_picks_the_same_experts():
     # Experts 0 and 1 both live on device 0 (16 experts / 8 devices): it receives every row.
     logits = np.zeros((B * T, E))

@@ -88,6 +88,7 @@ class MoE(nnx.Module):
             x, weights.reshape(B, T, k), experts.reshape(B, T, k), *w, mesh=mesh,
             token_spec=tokens, capacity_factor=capacity, impl=impl,
             buffer_factor=self.cfg.runtime.moe_buffer_factor,
+            embed_axes=mesh_axes("expert_embed", D),
         )
         return y.reshape(B * T, D), dropped
 
