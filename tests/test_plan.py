@@ -308,3 +308,15 @@ def test_infer_plans_prefill_and_decode(tmp_path):
     assert 0 < row["decode_peak_gib"] <= row["prefill_peak_gib"] < 1
     for name in ("train_step", "prefill_64", "decode_64"):
         assert (tmp_path / "p" / f"{name}.hlo.txt").stat().st_size > 1000, name
+
+
+def test_roofline_counts_rematerialised_forward():
+    """Compute-bound step: full remat runs the forward twice (8 of 6 FLOP units), so the MFU
+    estimate is 75 %; without remat it is the chips' peak."""
+    from qwenjax.plan.estimate import roofline
+
+    tpu = parse_slice("v5p-8")
+    flops = 1e3 * tpu.chips * tpu.chip.peak_flops  # 1000 s of model FLOPs, no memory, no ICI
+    full, none = (roofline(tpu, flops, 0, 0, {}, remat) for remat in ("full", "none"))
+    assert abs(full["estimated_mfu"] - 0.75) < 1e-9 and abs(full["compute_s"] - 4e3 / 3) < 1e-6
+    assert abs(none["estimated_mfu"] - 1.0) < 1e-9

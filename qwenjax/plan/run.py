@@ -119,7 +119,8 @@ def plan_train(exp: ExperimentConfig, tpu: Slice, mesh=None) -> dict:
     mem = _memory(compiled)
     text = compiled.as_text()
     colls = hlo.collectives(text)
-    est = estimate.roofline(tpu, flops, mem["arguments"], mem["temporaries"], colls)
+    est = estimate.roofline(tpu, flops, mem["arguments"], mem["temporaries"], colls,
+                            exp.runtime.remat)
     temps = [f"{name} {shape} {_size(b)}" for b, name, shape in hlo.largest_buffers(text, 3)]
     report.update({
         "fits": mem["peak"] <= hbm,
