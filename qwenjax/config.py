@@ -214,11 +214,12 @@ class ModelConfig:
     def from_dict(cls, d: dict[str, Any], *, source: str = "model config") -> ModelConfig:
         d = dict(d)
         rope = d.pop("rope", None)
-        moved = sorted(set(d) & RUNTIME_KEYS)
+        moved = sorted(set(d) & (RUNTIME_KEYS | {"runtime"}))
         if moved:
+            where = "runtime" if moved == ["runtime"] else f"runtime.{moved[0]}"
             raise ConfigError(
-                f"{source}: {', '.join(moved)} describe how the model runs, not the architecture; "
-                f"set them under runtime: in the experiment (runtime.{moved[0]})"
+                f"{source}: {', '.join(moved)}: how the model runs is no part of the architecture; "
+                f"set it in the experiment's runtime: section ({where})"
             )
         _check_keys(d, cls, source, skip={"rope"})
         if rope is not None:

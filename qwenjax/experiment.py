@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,10 +21,15 @@ import yaml
 from qwenjax.config import ModelConfig, load_preset
 from qwenjax.errors import ConfigError
 from qwenjax.ops.context_layout import check_divisible
-from qwenjax.runtime import RUNTIME_KEYS, RuntimeConfig
+from qwenjax.runtime import RuntimeConfig
 
-# Keys that moved into `runtime:` (older experiment files and run dirs spell them so).
-MOVED_TO_RUNTIME = {**{k: k for k in RUNTIME_KEYS}, "mesh.platform": "platform"}
+# Keys that moved into `runtime:` (older experiment files and run dirs spell them so): read
+# into runtime with a note naming the new key, so a run directory written before still resumes.
+MOVED_TO_RUNTIME = {"dtype": "dtype", "param_dtype": "param_dtype", "remat": "remat",
+                    "mesh.platform": "platform"}
+# Runtime settings that change how a step runs but not what it computes: a run may resume
+# with other values (e.g. started on CPU, resumed on TPU).
+RESUMABLE_RUNTIME = ("remat", "attn_block", "moe_impl", "platform")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -287,10 +293,6 @@ def _build(cls: type, data: Any, where: str):
     kwargs = {}
     for key, value in data.items():
         if key not in fields:
-            full = f"{where}.{key}" if where else key
-            if full in MOVED_TO_RUNTIME:
-                raise ConfigError(f"{full} is now runtime.{MOVED_TO_RUNTIME[full]} (the runtime: "
-                                  "section holds how the model runs)")
             raise ConfigError(f"unknown key {where + '.' if where else ''}{key}{_hint(key, list(fields))}")
         want = hints[key]
         name = f"{where}.{key}" if where else key
@@ -327,9 +329,41 @@ def load_experiment(path: str | Path | None, overrides: list[str] = ()) -> Exper
     data = _read_yaml(Path(path)) if path else {}
     for text in overrides:
         data = _apply_override(data, text)
-    exp = _build(ExperimentConfig, data, "")
+    return experiment_from_dict(data)
+
+
+def experiment_from_dict(data: dict, *, quiet: bool = False) -> ExperimentConfig:
+    """Validate a resolved experiment mapping (older spellings moved into `runtime:`)."""
+    exp = _build(ExperimentConfig, _move_legacy_keys(data, quiet), "")
     exp.model_config()  # resolve now, so a bad model section fails before anything runs
     return exp
+
+
+def _move_legacy_keys(data: dict, quiet: bool) -> dict:
+    data = dict(data)
+    runtime = dict(data.get("runtime") or {}) if isinstance(data.get("runtime"), dict) else None
+    mesh = dict(data["mesh"]) if isinstance(data.get("mesh"), dict) else None
+    for old, new in MOVED_TO_RUNTIME.items():
+        holder, key = (mesh, "platform") if old == "mesh.platform" else (data, old)
+        if holder is None or key not in holder or runtime is None and "runtime" in data:
+            continue
+        runtime = runtime if runtime is not None else {}
+        runtime.setdefault(new, holder.pop(key))
+        if not quiet:
+            print(f"qwenjax: note: {old} is now runtime.{new}; read as such", file=sys.stderr)
+    if runtime is not None:
+        data["runtime"] = runtime
+    if mesh is not None:
+        data["mesh"] = mesh
+    return data
+
+
+def same_run(a: ExperimentConfig, b: ExperimentConfig) -> bool:
+    """Whether b may continue a's run: equal but for the runtime settings that do not change
+    what a step computes (RESUMABLE_RUNTIME)."""
+    keep = lambda e: dataclasses.replace(
+        e, runtime=e.runtime.replace(**{k: getattr(RuntimeConfig(), k) for k in RESUMABLE_RUNTIME}))
+    return keep(a) == keep(b)
 
 
 def dump_experiment(exp: ExperimentConfig) -> str:

@@ -10,7 +10,12 @@ import pytest
 from flax import nnx
 
 import qwenjax
-from qwenjax.ops.expert_parallel import expert_parallel_ffn, grouped_rows_ffn, single_device_mesh
+from qwenjax.ops.expert_parallel import (
+    expert_parallel_ffn,
+    grouped_rows_ffn,
+    receive_rows,
+    single_device_mesh,
+)
 from qwenjax.ops.moe_dispatch import dense_moe_reference, route
 
 E, D, F, K = 16, 16, 12, 2
@@ -164,7 +169,7 @@ def test_receive_buffer_factor_drops_exactly_what_it_reports(factor):
     y, dropped = jax.jit(f)(x, *w)
     grads = jax.jit(jax.grad(lambda *a: jnp.sum(jnp.sin(f(*a)[0])), argnums=(0, 1, 2, 3)))(x, *w)
     M = B * T * K // 8
-    kept = kept_by_buffer(experts, 8, min(8 * M, -(-int(factor * M) // 8) * 8))
+    kept = kept_by_buffer(experts, 8, receive_rows(M, 8, factor))
     assert float(dropped) == float((~kept).sum())
     assert (float(dropped) > 0) == (factor < 8)
     masked = weights * jnp.asarray(kept, jnp.float32)

@@ -192,6 +192,20 @@ def test_does_not_fit_with_small_hbm(moe_v5p, moe35_v6e, monkeypatch):
     assert "params/" in line  # names the biggest argument buffers
 
 
+def test_megablox_never_left_to_gspmd():
+    """Tokens not split over `expert` (a decode batch of 1 on expert=4) take the dropless FFN
+    that GSPMD partitions; a Mosaic kernel cannot be partitioned automatically, so there the
+    TPU program uses XLA's ragged dot (lowering would raise otherwise)."""
+    from qwenjax.plan import build
+    from qwenjax.sharding import check_rules
+
+    exp = load_experiment(TINY, SETS + ["eval.batch_size=1"])
+    mesh = plan_run._mesh(exp, parse_slice("v5p-8"))
+    low = build.lower_infer(exp, exp.model_config(), mesh, check_rules(exp.mesh.rules), 32)
+    text = low["decode"].as_text()
+    assert "ragged_dot" in text and "tpu_custom_call" not in text
+
+
 def test_cli_errors_one_line(capsys):
     code, out, err = _plan_cli(capsys, "--topology", "v9-64")
     assert code == 2 and err.count("\n") == 1 and "v9-64" in err and out == ""

@@ -27,17 +27,44 @@ def test_experiment_runtime_reaches_the_model():
     assert ModelConfig.from_dict(cfg.to_dict()) == cfg.replace(runtime=RuntimeConfig())
 
 
+def test_older_experiment_spellings_are_read_into_runtime(capsys):
+    """Run directories written before the runtime section (top-level dtype / remat,
+    mesh.platform) still load: the values land in runtime, with one note per key."""
+    exp = load_experiment(None, ["dtype=bfloat16", "remat=none", "mesh.platform=tpu"])
+    assert (exp.runtime.dtype, exp.runtime.remat, exp.runtime.platform) == ("bfloat16", "none", "tpu")
+    err = capsys.readouterr().err
+    assert "dtype is now runtime.dtype" in err and "mesh.platform is now runtime.platform" in err
+
+
 @pytest.mark.parametrize("setting,where", [
-    ("dtype=bfloat16", "runtime.dtype"),
-    ("remat=none", "runtime.remat"),
-    ("mesh.platform=tpu", "runtime.platform"),
     ("model_overrides.attn_block=64", "runtime.attn_block"),
     ("model_overrides.moe_capacity_factor=1.25", "runtime.moe_capacity_factor"),
+    ("model_overrides.runtime={dtype: bfloat16}", "(runtime)"),
 ])
-def test_old_spellings_name_the_new_key(setting, where):
-    with pytest.raises(qwenjax.ConfigError, match=where.replace(".", r"\.")) as e:
+def test_runtime_keys_in_the_architecture_name_the_runtime_section(setting, where):
+    with pytest.raises(qwenjax.ConfigError, match=where.replace(".", r"\.").replace("(", r"\(")
+                       .replace(")", r"\)")) as e:
         load_experiment(None, [setting])
     assert "\n" not in str(e.value)
+
+
+def test_a_run_may_resume_with_other_how_to_run_settings(tmp_path):
+    """check_run_dir reads an older config.yaml (top-level dtype) as the same experiment; a
+    different remat or platform may resume the run, a different dtype may not."""
+    import yaml
+
+    from qwenjax.experiment import dump_experiment
+    from qwenjax.train.loop import check_run_dir
+
+    exp = load_experiment(None, ["runtime.dtype=bfloat16"])
+    old = yaml.safe_load(dump_experiment(exp))
+    old["dtype"] = old.pop("runtime")["dtype"]  # as session-5 qwenjax wrote it
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
+    for ok in ([], ["runtime.remat=dots", "runtime.platform=tpu", "runtime.moe_impl=ragged"]):
+        e = load_experiment(None, ["runtime.dtype=bfloat16", *ok])
+        check_run_dir(e, tmp_path, e.model_config())
+    with pytest.raises(qwenjax.ConfigError, match="holds a different experiment"):
+        check_run_dir(load_experiment(None, []), tmp_path, exp.model_config())
 
 
 @pytest.mark.parametrize("setting,message", [
@@ -81,3 +108,8 @@ def test_params_restore_in_stored_dtype_unless_asked(tmp_path):
     assert dtypes(load_params(ckpt)) == {jnp.dtype("bfloat16")}
     back = load_params(ckpt, runtime=RuntimeConfig(dtype="bfloat16", param_dtype="float32"))
     assert dtypes(back) == {jnp.dtype("float32")} and back.config.runtime.dtype == "bfloat16"
+    # `qwenjax generate --checkpoint` keeps the stored dtype whatever the compute dtype
+    from qwenjax.infer.generate import load_for_inference
+
+    gen, _ = load_for_inference(checkpoint_dir=ckpt, runtime=RuntimeConfig(dtype="float32"))
+    assert dtypes(gen) == {jnp.dtype("bfloat16")} and gen.config.runtime.dtype == "float32"

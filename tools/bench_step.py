@@ -120,7 +120,7 @@ def setup_torch(cfg: qwenjax.ModelConfig, tokens: np.ndarray) -> tuple[Step, Ste
     config = transformers.Qwen3MoeConfig(**hf)
     config._attn_implementation = "sdpa"
     torch.manual_seed(0)
-    model = transformers.Qwen3MoeForCausalLM(config).to(getattr(torch, cfg.dtype))
+    model = transformers.Qwen3MoeForCausalLM(config).to(getattr(torch, cfg.runtime.dtype))
     model.train()  # Qwen has no dropout; train mode only matches what a training loop runs
     # Same T input tokens as qwenjax; HF shifts labels itself, so it scores T-1 of them.
     ids = torch.from_numpy(tokens[:, :-1].astype(np.int64))

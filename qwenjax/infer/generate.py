@@ -275,7 +275,8 @@ def load_for_inference(
     mesh: jax.sharding.Mesh | None = None,
 ) -> tuple[CausalLM, HFTokenizer | None]:
     """(model, tokenizer) from a Hugging Face directory or a qwenjax parameter checkpoint (give
-    exactly one). The tokenizer is read from `tokenizer.json` in that directory; None if absent.
+    exactly one), run with `runtime`; a checkpoint's parameters stay in the dtype they were
+    stored in. The tokenizer is read from `tokenizer.json` in that directory; None if absent.
     """
     if (hf_dir is None) == (checkpoint_dir is None):
         raise ConfigError("load_for_inference: give exactly one of hf_dir and checkpoint_dir")
@@ -285,9 +286,11 @@ def load_for_inference(
         directory = as_path(hf_dir)
         model = from_pretrained(directory, runtime=runtime, mesh=mesh)
     else:
-        from qwenjax.train.checkpoint import load_params
+        from qwenjax.train.checkpoint import load_params, stored_param_dtype
 
         directory = as_path(checkpoint_dir)
+        if runtime is not None:  # parameters stay in the dtype they were stored in
+            runtime = runtime.replace(param_dtype=stored_param_dtype(directory))
         model = load_params(directory, mesh=mesh, runtime=runtime)
     tokenizer = load_tokenizer(directory) if (directory / "tokenizer.json").is_file() else None
     return model, tokenizer

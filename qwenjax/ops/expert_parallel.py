@@ -133,7 +133,7 @@ def _local_expert_parallel(x, weights, experts, w_gate, w_up, w_down, *, E, ep, 
         send_e = send_e.astype(jnp.int32)
         lost = jnp.zeros((), F32)
         if S is None:
-            cap = ep * M if buffer_factor <= 0 else min(ep * M, -(-int(buffer_factor * M) // 8) * 8)
+            cap = receive_rows(M, ep, buffer_factor)
             there, back_again, lost = _ragged_routes(flat_e // El, ep, M, axis, cap)
             recv, recv_e = there(send, 0), there(send_e, El)
         else:
@@ -179,6 +179,15 @@ def _local_expert_parallel(x, weights, experts, w_gate, w_up, w_down, *, E, ep, 
         else:
             out, dropped = run(plan_for(M), M)
     return out.reshape(b, t, D), jax.lax.psum(dropped, token_axes)
+
+
+def receive_rows(M: int, ep: int, buffer_factor: float) -> int:
+    """Rows of a device's receive buffer: the worst case ep*M, or buffer_factor x the balanced
+    M rounded up to 512 (8 for tiny buffers) so grouped-matmul kernels keep full row tiles."""
+    if buffer_factor <= 0:
+        return ep * M
+    unit = 512 if M >= 512 else 8
+    return min(ep * M, -(-int(buffer_factor * M) // unit) * unit)
 
 
 def _ragged_routes(dest, ep: int, M: int, axis: str, cap: int):

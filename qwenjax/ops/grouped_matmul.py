@@ -60,7 +60,7 @@ def _bwd(bm, kernel, res, dy):
         dw = mb.tgmm(x.swapaxes(0, 1), dy, group_sizes, F32, megablox_tiling(R, K, N),
                      interpret=interpret)
         return _zero_tail(dx, group_sizes), dw.astype(w.dtype), None
-    dx = jax.lax.ragged_dot(dy, jnp.swapaxes(w, 1, 2), group_sizes)
+    dx = jax.lax.ragged_dot(dy, jnp.swapaxes(w, 1, 2), group_sizes).astype(x.dtype)
     dw = weight_grad(x, dy, group_sizes, w.shape[0], bm).astype(w.dtype)
     return dx, dw, None
 
@@ -114,7 +114,7 @@ def weight_grad(x, dy, group_sizes, groups: int, bm: int):
         rows = at + jnp.arange(bm)
         keep = ((rows >= row0) & (rows < end))[:, None]
         xb = jnp.where(keep, jax.lax.dynamic_slice_in_dim(x, at, bm), 0)
-        yb = jax.lax.dynamic_slice_in_dim(dy, at, bm)
+        yb = jnp.where(keep, jax.lax.dynamic_slice_in_dim(dy, at, bm), 0)
         part = jnp.einsum("rk,rn->kn", xb, yb, preferred_element_type=F32)
         return i + 1, dw.at[g].add(part)
 

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from qwenjax.ops.grouped_matmul import grouped_matmul
-from qwenjax.sharding import target_platform
+from qwenjax.sharding import current_mesh, target_platform
 
 F32 = jnp.float32
 KERNEL_OF = {"ragged": "xla", "megablox": "megablox"}  # grouped_matmul's kernel per impl
@@ -57,6 +57,11 @@ def grouped_ffn(x, weights, experts, w_gate, w_up, w_down, *, impl: str = "auto"
     Returns sum_j weights[n,j] * SwiGLU_{experts[n,j]}(x[n]) as [N,D] in x.dtype.
     """
     impl = default_impl() if impl == "auto" else impl
+    mesh = current_mesh()
+    if impl == "megablox" and mesh is not None and mesh.size > 1:
+        # Outside a shard_map GSPMD partitions this FFN, and a Mosaic kernel cannot be
+        # partitioned automatically: XLA's ragged dot takes its place.
+        impl = "ragged"
     N, _ = x.shape
     k = experts.shape[1]
     E = w_gate.shape[0]

@@ -96,7 +96,7 @@ def load_params(
     path = absolute(ckpt_dir) / "params"
     if not path.exists():
         raise CheckpointError(f"{ckpt_dir}: no params/ directory")
-    cfg = cfg.replace(runtime=runtime or RuntimeConfig(param_dtype=_stored_dtype(path)))
+    cfg = cfg.replace(runtime=runtime or RuntimeConfig(param_dtype=_stored_dtype_at(path)))
     graphdef, state = abstract_model(cfg)
 
     def abstract(var: nnx.Variable):
@@ -120,7 +120,12 @@ def load_params(
     return model
 
 
-def _stored_dtype(path: os.PathLike) -> str:
+def stored_param_dtype(ckpt_dir: str | os.PathLike) -> str:
+    """The dtype a parameter checkpoint's arrays were written in (the most common one)."""
+    return _stored_dtype_at(absolute(as_path(ckpt_dir)) / "params")
+
+
+def _stored_dtype_at(path: os.PathLike) -> str:
     """The dtype a parameter checkpoint's arrays were written in (the most common one)."""
     try:
         with ocp.StandardCheckpointer() as ckptr:

@@ -32,7 +32,12 @@ from jax.sharding import NamedSharding, PartitionSpec
 from qwenjax.atomic import check_output
 from qwenjax.config import ModelConfig
 from qwenjax.errors import ConfigError, QwenJaxError
-from qwenjax.experiment import ExperimentConfig, dump_experiment
+from qwenjax.experiment import (
+    ExperimentConfig,
+    dump_experiment,
+    experiment_from_dict,
+    same_run,
+)
 from qwenjax.model.partition import abstract_model, init_sharded
 from qwenjax.ops.context_layout import to_layout
 from qwenjax.paths import as_path, is_url, rmtree
@@ -76,7 +81,11 @@ def check_run_dir(exp: ExperimentConfig, run_dir: Path, cfg: ModelConfig) -> Non
             raise ConfigError(
                 f"{path}: not valid YAML ({first}); repair it or pick a new --run-dir"
             ) from None
-        if saved != yaml.safe_load(dump_experiment(exp)):
+        try:
+            previous = experiment_from_dict(saved if isinstance(saved, dict) else {}, quiet=True)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}; repair it or pick a new --run-dir") from None
+        if not same_run(previous, exp):
             hint = "" if ckpts else f" (it has no checkpoint yet: delete {run_dir} to start over)"
             raise ConfigError(
                 f"{run_dir} holds a different experiment (its config.yaml differs); "
