@@ -39,6 +39,11 @@ def test_attention_memory_is_linear_in_length(monkeypatch, kind, backward, dim):
     for key, value in _env_without_device_count().items():
         monkeypatch.setenv(key, value)
     report = bench_ring_memory.measure(kind, LENGTHS, dim=dim, backward=backward)
+    if report["growth_ratio"][0] > 1.2:
+        # Each length's peak RSS moves by ~10 MB between runs on a loaded machine, against
+        # ~30-80 MB increments (seen once: 78/110/192 MB -> 1.28; quiet: 71/120/194 -> 0.76).
+        # One fresh measurement; memory that follows T^2 would fail both (ratio ~2).
+        report = bench_ring_memory.measure(kind, LENGTHS, dim=dim, backward=backward)
     rows = report["rows"]
     assert report["growth_ratio"][0] <= 1.2, rows
     # and the run adds little beyond the compiled plan (devices' inputs, outputs, temporaries)
