@@ -286,12 +286,10 @@ def load_for_inference(
         directory = as_path(hf_dir)
         model = from_pretrained(directory, runtime=runtime, mesh=mesh)
     else:
-        from qwenjax.train.checkpoint import load_params, stored_param_dtype
+        from qwenjax.train.checkpoint import load_params
 
         directory = as_path(checkpoint_dir)
-        if runtime is not None:  # parameters stay in the dtype they were stored in
-            runtime = runtime.replace(param_dtype=stored_param_dtype(directory))
-        model = load_params(directory, mesh=mesh, runtime=runtime)
+        model = load_params(directory, mesh=mesh, runtime=runtime, stored_dtype=True)
     tokenizer = load_tokenizer(directory) if (directory / "tokenizer.json").is_file() else None
     return model, tokenizer
 

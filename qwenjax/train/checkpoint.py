@@ -86,17 +86,19 @@ def read_model_config(ckpt_dir: str | os.PathLike) -> ModelConfig:
 
 def load_params(
     ckpt_dir: str | os.PathLike, *, mesh: Mesh | None = None, rules: dict | None = None,
-    runtime: RuntimeConfig | None = None,
+    runtime: RuntimeConfig | None = None, stored_dtype: bool = False,
 ) -> CausalLM:
     """Restore a model from a parameter checkpoint, each array into its sharding, to run with
-    `runtime`; arrays are restored in its param_dtype. Default: RuntimeConfig() with the
-    param_dtype the checkpoint was stored in."""
+    `runtime` (default RuntimeConfig()); arrays are restored in its param_dtype, or, with
+    `stored_dtype` or no runtime given, in the dtype the checkpoint was stored in."""
     ckpt_dir = as_path(ckpt_dir)
     cfg = read_model_config(ckpt_dir)
     path = absolute(ckpt_dir) / "params"
     if not path.exists():
         raise CheckpointError(f"{ckpt_dir}: no params/ directory")
-    cfg = cfg.replace(runtime=runtime or RuntimeConfig(param_dtype=_stored_dtype_at(path)))
+    if stored_dtype or runtime is None:
+        runtime = (runtime or RuntimeConfig()).replace(param_dtype=_stored_dtype_at(path))
+    cfg = cfg.replace(runtime=runtime)
     graphdef, state = abstract_model(cfg)
 
     def abstract(var: nnx.Variable):
@@ -118,11 +120,6 @@ def load_params(
         tuple(sorted(read_header(carried)[0].values(), key=lambda i: i.name)) if carried.exists() else ()
     )
     return model
-
-
-def stored_param_dtype(ckpt_dir: str | os.PathLike) -> str:
-    """The dtype a parameter checkpoint's arrays were written in (the most common one)."""
-    return _stored_dtype_at(absolute(as_path(ckpt_dir)) / "params")
 
 
 def _stored_dtype_at(path: os.PathLike) -> str:
