@@ -28,6 +28,7 @@ from qwenjax.model.attention import Attention, CacheSlots, KVCache
 from qwenjax.model.gated_deltanet import GatedDeltaNet, RecurrentState
 from qwenjax.model.layers import RMSNorm, make_param, rope_tables
 from qwenjax.model.mlp import MLP, MoE, empty_router_stats
+from qwenjax.model.mtp import MTP
 from qwenjax.sharding import constrain
 
 Kind = tuple[str, str]  # (attention type, mlp type)
@@ -255,6 +256,8 @@ class CausalLM(nnx.Module):
         self.final_norm = RMSNorm(D, cfg.rms_norm_eps, ("norm",), pd, rngs, cfg.norm_zero_centered)
         if not cfg.tie_word_embeddings:
             self.lm_head = make_param(rngs, (D, V), ("embed", "vocab"), pd)
+        if cfg.mtp_layers:
+            self.mtp = MTP(cfg, rngs=rngs)
 
     def hidden_states(self, input_ids, *, positions=None, segment_ids=None, attention_mask=None):
         """input_ids [B,T] -> (final hidden states [B,T,D] in the compute dtype, router stats).
@@ -281,6 +284,24 @@ class CausalLM(nnx.Module):
             x, stats = stack(x, tokens)
             total = jax.tree.map(jnp.add, total, stats)
         return self.final_norm(x), total
+
+    def mtp_hidden_states(self, depth: int, input_ids, hidden, *, positions=None, segment_ids=None):
+        """Multi-token prediction depth `depth` (1-based) over a whole sequence (model/mtp.py):
+        input_ids [B,T] the tokens t+depth, hidden [B,T,D] depth-1's hidden states (depth 0:
+        `hidden_states`) -> (this depth's hidden states [B,T,D], router stats)."""
+        cfg = self.config
+        dtype = jnp.dtype(cfg.runtime.dtype)
+        B, T = input_ids.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        if segment_ids is None:
+            segment_ids = jnp.ones((B, T), jnp.int32)
+        positions, segment_ids = positions.astype(jnp.int32), segment_ids.astype(jnp.int32)
+        cos, sin = rope_tables(cfg, positions, dtype)
+        inputs = LayerInputs(cos, sin, positions, segment_ids, segment_ids > 0)
+        embeddings = constrain(self.embed[...][input_ids].astype(dtype), ACT_BTD)
+        h, stats = self.mtp(depth, embeddings, hidden, inputs)
+        return constrain(h, ACT_BTD), stats
 
     def extend(self, input_ids, cache: Cache, *, positions, segment_ids, fresh: bool = False):
         """Run T new tokens after the `cache.length` slots already in `cache`.
