@@ -54,11 +54,13 @@ def make_forward(graphdef) -> Callable:
     return forward
 
 
-def make_loss_and_grad(graphdef, *, aux_weight: float = 0.0, z_weight: float = 0.0) -> Callable:
+def make_loss_and_grad(graphdef, *, aux_weight: float = 0.0, z_weight: float = 0.0,
+                       mtp_weight: float = 0.0) -> Callable:
     """jitted (params, batch) -> ((loss, metrics), grads), grads shaped like params."""
 
     def objective(params, batch: Batch):
-        return loss_fn(nnx.merge(graphdef, params), batch, aux_weight=aux_weight, z_weight=z_weight)
+        return loss_fn(nnx.merge(graphdef, params), batch, aux_weight=aux_weight, z_weight=z_weight,
+                       mtp_weight=mtp_weight)
 
     return jax.jit(jax.value_and_grad(objective, has_aux=True))
 
