@@ -2,6 +2,7 @@
 equations (NumPy for the norms and fc, `transformers`' own decoder layer and norm for the rest),
 the training loss and its masks, and the import/export round trip of trained MTP weights."""
 
+import itertools
 import json
 
 import hf_models
@@ -186,7 +187,7 @@ def test_packed_rows_look_ahead_for_mtp():
     plain = iter(PackedDataset(docs, tok, 16, seed=1, lanes=4))
     ahead = iter(PackedDataset(docs, tok, 16, seed=1, lanes=4, lookahead=3))
     rows = [(plain.next_batch(), ahead.next_batch()) for _ in range(3)]
-    for (a, b), (_, nxt) in zip(rows, rows[1:]):
+    for (a, b), (_, nxt) in itertools.pairwise(rows):
         for k in a:
             assert np.array_equal(a[k], b[k]), k
         assert np.array_equal(b["window_ids"][:, :16], b["input_ids"])
