@@ -29,7 +29,8 @@ MOVED_TO_RUNTIME = {"dtype": "dtype", "param_dtype": "param_dtype", "remat": "re
                     "mesh.platform": "platform"}
 # Runtime settings that change how a step runs but not what it computes: a run may resume
 # with other values (e.g. started on CPU, resumed on TPU).
-RESUMABLE_RUNTIME = ("remat", "attn_block", "moe_impl", "platform")
+RESUMABLE_RUNTIME = ("remat", "attn_block", "moe_impl", "platform", "attention_impl",
+                     "splash_block")
 
 
 @dataclass(frozen=True, kw_only=True)

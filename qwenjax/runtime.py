@@ -19,6 +19,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 REMAT_MODES = ("full", "outputs", "dots", "none")  # see REMAT_POLICIES in model/transformer.py
 MOE_IMPLS = ("auto", "megablox", "ragged", "blocked")  # see ops/moe_dispatch.py: grouped_ffn
 PLATFORMS = ("auto", "cpu", "gpu", "tpu")
+ATTENTION_IMPLS = ("auto", "xla", "splash")  # see model/sequence_ops.py: causal_attention
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -39,19 +40,30 @@ class RuntimeConfig:
     # "ragged" (`jax.lax.ragged_dot`, XLA's grouped matmul), "blocked" (a scan over fixed row
     # blocks, fastest on CPU); "auto" = megablox on TPU, ragged on GPU, blocked on CPU.
     moe_impl: str = "auto"
+    # Causal self-attention over a whole sequence: "xla" (our blockwise flash kernel,
+    # ops/attention.py), "splash" (the Pallas TPU kernel, ops/splash.py; interpret mode off
+    # TPU); "auto" = splash on TPU where the shape allows (head_dim and length multiples of
+    # 128), else xla. Ring attention (context > 1) and cached decoding use ours.
+    attention_impl: str = "auto"
+    splash_block: int = 0  # splash's q / kv block; 0 = chosen per length and head dim
     # Which platform the kernels are built for: "auto" reads the platform of the mesh's devices
     # (compile-only TPU devices on a CPU host say "tpu"); never the host's default backend.
     platform: str = "auto"
 
     def __post_init__(self):
         for name, allowed in (("dtype", DTYPES), ("param_dtype", DTYPES), ("remat", REMAT_MODES),
-                              ("moe_impl", MOE_IMPLS), ("platform", PLATFORMS)):
+                              ("moe_impl", MOE_IMPLS), ("platform", PLATFORMS),
+                              ("attention_impl", ATTENTION_IMPLS)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(
                     f"runtime.{name} {getattr(self, name)!r} is not one of {', '.join(allowed)}"
                 )
         if not isinstance(self.attn_block, int) or self.attn_block < 1:
             raise ConfigError(f"runtime.attn_block must be an integer >= 1, got {self.attn_block!r}")
+        if not isinstance(self.splash_block, int) or self.splash_block < 0 or self.splash_block % 128:
+            raise ConfigError(
+                f"runtime.splash_block must be 0 (auto) or a multiple of 128, got {self.splash_block!r}"
+            )
         if self.moe_buffer_factor < 0:
             raise ConfigError(
                 f"runtime.moe_buffer_factor must be >= 0 (0 = worst case, never drops), got "

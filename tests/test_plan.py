@@ -52,7 +52,9 @@ def moe_v5p(tmp_path_factory):
 @pytest.fixture(scope="module")
 def moe35_v6e():
     """Qwen3.5-MoE tiny (Gated DeltaNet + gated attention) on v6e-4 (v6e:2x2), in Python."""
-    exp = load_experiment(TINY, SETS + ["model=qwen3.5-moe-tiny", "model_overrides.num_layers=4"])
+    # head_dim and length multiples of 128: attention_impl auto takes splash attention on TPU
+    exp = load_experiment(TINY, SETS + ["model=qwen3.5-moe-tiny", "model_overrides.num_layers=4",
+                                        "model_overrides.head_dim=128", "data.seq_len=128"])
     tpu = parse_slice("v6e-4")
     return plan_run.plan_train(exp, tpu), exp, tpu
 
@@ -109,6 +111,7 @@ def test_report_fields_and_files(moe_v5p):
         assert set(c) == {"count", "bytes", "static_bytes", "in_loops", "wire_bytes"}, kind
         assert c["bytes"] >= c["static_bytes"] > 0 and c["count"] >= c["in_loops"]
     assert isinstance(report["custom_calls"], dict)
+    assert not _splash_kernels(report["custom_calls"])  # head_dim 16: splash cannot take it
     hlo = (run_dir / "train_step.hlo.txt").read_text()
     assert collectives(hlo) == report["collectives"]
     marker = json.loads((run_dir / ".qwenjax-output.json").read_text())
@@ -132,6 +135,24 @@ def test_tpu_paths_chosen(moe_v5p, moe35_v6e):
     assert report35["topology"] == "v6e:2x2" and report35["hbm_gib"] == 32
     assert report35["fits"] is True and report35["collectives"]["ragged-all-to-all"]["count"] >= 2
     assert report35["custom_calls"].get("tpu_custom_call:tgmm", 0) >= 1
+    assert _splash_kernels(report35["custom_calls"]) == {"fwd", "dq", "dkv"}
+
+
+def _splash_kernels(calls: dict) -> set[str]:
+    """Which splash attention kernels (forward, dq, dkv backward) a plan's HLO holds."""
+    prefix = "tpu_custom_call:splash_mha_"
+    return {name[len(prefix):].split("_")[0] for name in calls if name.startswith(prefix)}
+
+
+def test_splash_attention_in_the_tpu_train_step():
+    """Qwen3-MoE tiny at head_dim 128 and 128 tokens, v5p-8, runtime.attention_impl auto: the
+    step's attention is splash (its forward and both backward kernels) beside megablox's expert
+    matmuls (the fixture's head_dim 16 takes ours: `test_report_fields_and_files`)."""
+    sets = SETS + ["model_overrides.head_dim=128", "data.seq_len=128"]
+    report = plan_run.plan_train(load_experiment(TINY, sets), parse_slice("v5p-8"))
+    calls = report["custom_calls"]
+    assert _splash_kernels(calls) == {"fwd", "dq", "dkv"}
+    assert calls.get("tpu_custom_call:gmm", 0) >= 2 and calls.get("tpu_custom_call:tgmm", 0) >= 1
 
 
 def _collective_ops(hlo_text: str, kind: str) -> list[int]:

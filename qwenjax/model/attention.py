@@ -100,7 +100,8 @@ class Attention(nnx.Module):
         cfg = self.cfg
         q, k, v = self._qkv(x, cos, sin)
         # Blockwise on one device; ring attention when the sequence is split over `context`.
-        o = causal_attention(q, k, v, positions, segment_ids, block=cfg.runtime.attn_block)
+        o = causal_attention(q, k, v, positions, segment_ids, block=cfg.runtime.attn_block,
+                             impl=cfg.runtime.attention_impl, splash_block=cfg.runtime.splash_block)
         return self._output(x, o)
 
     def extend(self, x, cos, sin, positions, segment_ids, cache: KVCache, slots: CacheSlots):
@@ -112,7 +113,9 @@ class Attention(nnx.Module):
         k_all = jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), start)
         v_all = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), start)
         if slots.fresh:  # nothing earlier to see: causal attention among the new tokens
-            o = causal_attention(q, k, v, positions, segment_ids, block=cfg.runtime.attn_block)
+            o = causal_attention(q, k, v, positions, segment_ids, block=cfg.runtime.attn_block,
+                                 impl=cfg.runtime.attention_impl,
+                                 splash_block=cfg.runtime.splash_block)
         else:
             # One device: dense (one query) or blockwise (a prefill chunk); with `context` > 1
             # the cache is split along its slots and partial results merge by log-sum-exp.

@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from qwenjax.errors import ConfigError
+from qwenjax.ops import splash
 from qwenjax.ops.attention import attention, attention_with_lse, dense_attention
 from qwenjax.ops.context_layout import from_layout, inverse_permutation, to_layout
 from qwenjax.ops.delta_rule import causal_conv, delta_rule_chunked
@@ -25,7 +27,7 @@ from qwenjax.ops.delta_rule_parallel import (
     delta_rule_sequence_parallel,
 )
 from qwenjax.ops.ring_attention import ring_attention
-from qwenjax.sharding import context_parallel, mesh_axes
+from qwenjax.sharding import context_parallel, mesh_axes, target_platform
 
 
 def _axes(logical: str, size: int):
@@ -33,10 +35,29 @@ def _axes(logical: str, size: int):
     return axes or None
 
 
-def causal_attention(q, k, v, positions, segment_ids, *, block: int):
-    """q [B,T,H,Dh], k/v [B,T,K,Dh]; positions/segment_ids [B,T] -> [B,T,H,Dh]."""
+def attention_impl(setting: str, T: int, head_dim: int, splash_block: int = 0) -> str:
+    """The causal-attention kernel for a [T] sequence: `setting` (runtime.attention_impl), with
+    "auto" decided by the target platform (the mesh's, never the host's): splash on TPU where
+    the shape allows, else ours ("xla")."""
+    if setting == "auto":
+        ok = target_platform() == "tpu" and splash.supported(T, head_dim, splash_block) is None
+        return "splash" if ok else "xla"
+    if setting == "splash":
+        why = splash.supported(T, head_dim, splash_block)
+        if why is not None:
+            raise ConfigError(f"runtime.attention_impl splash: {why}; use auto or xla")
+    return setting
+
+
+def causal_attention(q, k, v, positions, segment_ids, *, block: int, impl: str = "xla",
+                     splash_block: int = 0):
+    """q [B,T,H,Dh], k/v [B,T,K,Dh]; positions/segment_ids [B,T] -> [B,T,H,Dh]. `impl` is
+    runtime.attention_impl (see `attention_impl`); with `context` > 1, ring attention."""
     ctx = context_parallel()
     if ctx is None:
+        if attention_impl(impl, q.shape[1], q.shape[3], splash_block) == "splash":
+            return splash.splash_causal_attention(q, k, v, segment_ids, block=splash_block,
+                                                  interpret=target_platform() != "tpu")
         return attention(q, k, v, q_pos=positions, kv_pos=positions, q_seg=segment_ids,
                          kv_seg=segment_ids, causal=True, block_q=block, block_kv=block)
     mesh, _ = ctx

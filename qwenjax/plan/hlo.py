@@ -170,13 +170,20 @@ def custom_calls(hlo_text: str) -> dict[str, int]:
     """{name: count} of custom calls. TPU kernels (`tpu_custom_call`: Pallas / Mosaic, XLA's
     ragged dot) are named `tpu_custom_call:<kernel>` after their module name or op name."""
     out: dict[str, int] = {}
-    for line in hlo_text.splitlines():
+    lines = hlo_text.splitlines()
+    for i, line in enumerate(lines):
         t = _TARGET.search(line)
         if not t:
             continue
         name = t.group(1)
         if name == "tpu_custom_call":
-            name += ":" + _kernel_name(line)
+            # An instruction may run over several lines (a kernel's metadata holding newlines,
+            # e.g. splash attention's block sizes): read on to the next instruction.
+            j = i + 1
+            while j < len(lines) and not (lines[j].lstrip().startswith(("%", "ROOT "))
+                                          or lines[j].strip() == "}"):
+                j += 1
+            name += ":" + _kernel_name(" ".join(lines[i:j]))
         out[name] = out.get(name, 0) + 1
     return dict(sorted(out.items()))
 
@@ -194,7 +201,9 @@ def _kernel_name(line: str) -> str:
     if not op:
         return "?"
     parts = op.group(1).split("/")
-    if parts[-1] == "pallas_call":  # a Pallas kernel: named by the jitted function around it
+    if parts[-1] == "pallas_call":  # a Pallas kernel: its name scope, or the jit around it
+        if len(parts) > 1 and "(" not in parts[-2]:
+            return parts[-2]  # e.g. splash_mha_fwd_segmented_residuals
         named = [p[4:-1] for p in parts if p.startswith("jit(") and p.endswith(")")]
         return named[-1] if len(named) > 1 else "pallas_call"
     return parts[-1]
