@@ -7,6 +7,7 @@
     qwenjax generate (--hf DIR | --checkpoint DIR) --prompt TEXT [--chat] [--mesh context=8] [...]
     qwenjax plan EXPERIMENT.yaml --topology v5p-128 [--set ...] [--infer] [--search batch]
                                           compile for a TPU slice (no TPU needed); last line JSON
+    qwenjax sae train|analyze|export ...  sparse autoencoders on a site's activations
 
 Bad input (a QwenJaxError) prints one line `qwenjax: error: ...` and exits with status 2; any
 other exception is a bug and keeps its traceback (status 1). Outputs are written by
@@ -167,6 +168,12 @@ def cmd_plan(args) -> None:
         raise PlanError(does_not_fit_line(report))
 
 
+def cmd_sae(args) -> None:
+    from qwenjax.interp.cli import run_sae_command
+
+    run_sae_command(args)
+
+
 _OVERWRITE = ("replace an output path that is not a previous output of the same kind (a "
               "non-empty directory or a file); without it such a path is refused")
 
@@ -223,6 +230,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="batch: the largest per-chip batch that fits (doubling, then bisection)")
     p.add_argument("--run-dir", help="where report.json and the HLO go (default runs/NAME/plan)")
     p.set_defaults(func=cmd_plan)
+
+    from qwenjax.interp.cli import add_sae_parser
+
+    add_sae_parser(sub, cmd_sae, _OVERWRITE)
 
     p = sub.add_parser("import-hf", help="Hugging Face directory -> Orbax parameter checkpoint")
     p.add_argument("hf_dir")

@@ -62,14 +62,19 @@ def hidden_with_hooks(model: CausalLM, input_ids, *, capture=(), edits=None, **k
 
 
 def capture_fn(model: CausalLM, sites: Iterable[Key]):
-    """A jitted `input_ids [B,T] -> {site: activations}`; the rest of the forward (the final norm
-    and head) is dead code XLA removes."""
+    """A jitted `(input_ids [B,T], positions, segment_ids) -> {site: activations}` (positions and
+    segment ids optional, as for the model); the final norm is dead code XLA removes."""
     sites = tuple(check_site(k, model) for k in sites)
     graphdef, state = nnx.split(model)
 
     @jax.jit
-    def run(state, ids):
-        _, values = hidden_with_hooks(nnx.merge(graphdef, state), ids, capture=sites)
+    def run(state, ids, positions, segment_ids):
+        _, values = hidden_with_hooks(nnx.merge(graphdef, state), ids, capture=sites,
+                                      positions=positions, segment_ids=segment_ids)
         return values
 
-    return lambda ids: run(state, jnp.asarray(ids))
+    def call(ids, positions=None, segment_ids=None):
+        as_int = lambda a: None if a is None else jnp.asarray(a, jnp.int32)
+        return run(state, as_int(ids), as_int(positions), as_int(segment_ids))
+
+    return call

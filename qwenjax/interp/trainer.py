@@ -30,14 +30,19 @@ class SAEState(NamedTuple):
     step: jax.Array  # int32 scalar
 
 
-def make_optimizer(lr: float, steps: int, warmup: int) -> optax.GradientTransformation:
-    """Adam; linear warmup, constant, then a linear decay to 0 over the last 20 % of steps."""
+def lr_schedule(lr: float, steps: int, warmup: int) -> optax.Schedule:
+    """Linear warmup, constant, then a linear decay to 0 over the last 20 % of steps."""
     decay = max(steps // 5, 1)
-    schedule = optax.join_schedules(
+    return optax.join_schedules(
         [optax.linear_schedule(0.0, lr, max(warmup, 1)), optax.constant_schedule(lr),
          optax.linear_schedule(lr, 0.0, decay)],
         [max(warmup, 1), max(steps - decay, warmup + 1)],
     )
+
+
+def make_optimizer(lr: float, steps: int, warmup: int) -> optax.GradientTransformation:
+    """Adam (gradients clipped at global norm 1) on `lr_schedule`."""
+    schedule = lr_schedule(lr, steps, warmup)
     return optax.chain(optax.clip_by_global_norm(1.0), optax.adam(schedule, b1=0.9, b2=0.999))
 
 

@@ -1,0 +1,111 @@
+"""`qwenjax sae train / export`: a tiny model's site, checkpoints and exact resume, FVU / L0 /
+spliced-in loss in metrics.jsonl, the SAELens-format directory; bad input in one line."""
+
+import json
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import yaml
+from safetensors.numpy import load_file
+
+import qwenjax
+from qwenjax.cli import main
+from qwenjax.data.corpus import stdlib_corpus
+from qwenjax.data.tokenizer import train_bpe
+from qwenjax.interp import sae as S
+from qwenjax.interp.evaluate import spliced_losses
+from qwenjax.train.checkpoint import save_params
+from qwenjax.train.loss import batch_from_tokens
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sae_model")
+    tok = train_bpe(stdlib_corpus(40), 512)
+    tok.save(root / "tok")
+    cfg = qwenjax.load_preset("qwen3-moe-tiny").replace(num_layers=2)
+    save_params(qwenjax.init_model(cfg), root / "ckpt",
+                extra_files=[root / "tok" / "tokenizer.json", root / "tok" / "tokenizer_config.json"])
+    return root / "ckpt"
+
+
+def experiment(tmp_path, model_dir, **over):
+    exp = {"model": {"checkpoint": str(model_dir)}, "site": "blocks.1.resid_post",
+           "data": {"source": "stdlib", "seq_len": 32, "max_docs": 40},
+           "sae": {"architecture": "topk", "expansion": 2, "k": 8, "dead_tokens": 2048},
+           "train_tokens": 4096, "eval_tokens": 512, "model_batch": 8, "batch_size": 256,
+           "steps": 20, "log_every": 5, "lr": 0.003, "warmup_steps": 2,
+           "checkpoint": {"every": 10, "keep": 3, "async_save": False}, **over}
+    path = tmp_path / "sae.yaml"
+    path.write_text(yaml.safe_dump(exp))
+    return path
+
+
+def test_sae_train_evaluates_and_resumes_exactly(tmp_path, model_dir, capsys):
+    path, run = experiment(tmp_path, model_dir), tmp_path / "run"
+    assert main(["sae", "train", str(path), "--run-dir", str(run)]) == 0
+    first = load_file(str(run / "sae" / "sae_weights.safetensors"))
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    final = rows[-1]
+    assert [r["step"] for r in rows] == [5, 10, 15, 20]
+    assert final["eval_l0"] == 8.0  # TopK: exactly k latents per token
+    assert 0.0 < final["eval_fvu"] < 0.85  # 20 steps on a random model's residual stream
+    # (a random model: zero ablation need not hurt, so only the values are checked here; the
+    # perfect-reconstruction test below pins the spliced loss itself)
+    assert all(np.isfinite(final[k]) for k in ("eval_ce_clean", "eval_ce_spliced",
+                                                "eval_ce_zero_ablated"))
+    assert 0.0 <= final["eval_dead_fraction"] <= 1.0
+    assert json.loads((run / "eval.json").read_text())["eval_fvu"] == final["eval_fvu"]
+    # A run stopped after step 10's checkpoint and restarted ends with the same SAE, bit for bit.
+    shutil.rmtree(run / "checkpoints" / "20")
+    shutil.rmtree(run / "sae")
+    assert main(["sae", "train", str(path), "--run-dir", str(run)]) == 0
+    again = load_file(str(run / "sae" / "sae_weights.safetensors"))
+    assert all(np.array_equal(first[k], again[k]) for k in first)
+    rows2 = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows2] == [5, 10, 15, 20]
+    assert rows2[-1]["loss"] == final["loss"]
+    # Export: a SAELens directory beside it.
+    assert main(["sae", "export", str(run), str(tmp_path / "lens")]) == 0
+    cfg = json.loads((tmp_path / "lens" / "cfg.json").read_text())
+    assert cfg["architecture"] == "topk" and cfg["k"] == 8 and cfg["d_sae"] == 256
+    assert cfg["metadata"]["hook_name"] == "blocks.1.hook_resid_post"
+
+
+def test_spliced_loss_of_a_perfect_reconstruction_is_the_clean_loss():
+    cfg = qwenjax.load_preset("qwen3-moe-tiny").replace(num_layers=2)
+    model = qwenjax.init_model(cfg)
+    D = cfg.hidden_size
+    # ReLU SAE with W_enc = [I, -I], W_dec = [I; -I]: relu(x) - relu(-x) = x exactly.
+    eye = np.eye(D, dtype=np.float32)
+    sae_cfg = S.SAEConfig(architecture="relu", d_in=D, d_sae=2 * D)
+    params = {"W_enc": np.concatenate([eye, -eye], 1), "b_enc": np.zeros(2 * D, np.float32),
+              "W_dec": np.concatenate([eye, -eye], 0), "b_dec": np.zeros(D, np.float32)}
+    params = jax.tree.map(jnp.asarray, params)
+    tokens = np.random.RandomState(0).randint(0, 512, (4, 33))
+    batch = {k: np.asarray(v) for k, v in batch_from_tokens(jnp.asarray(tokens))._asdict().items()}
+    for key in [("resid_post", 0), ("attn_out", 1), ("mlp_out", 1)]:
+        out = spliced_losses(model, key, sae_cfg, params, [batch])
+        assert abs(out["ce_spliced"] - out["ce_clean"]) <= 1e-6
+        assert abs(out["ce_zero_ablated"] - out["ce_clean"]) > 1e-3
+
+
+def test_bad_sae_input_is_one_line_and_exit_2(tmp_path, model_dir, capsys):
+    path = experiment(tmp_path, model_dir, site="blocks.7.resid_post")
+    assert main(["sae", "train", str(path), "--run-dir", str(tmp_path / "r1")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "out of range" in err
+    assert not (tmp_path / "r1").exists()
+    path = experiment(tmp_path, model_dir, sae={"architecture": "gated"})
+    assert main(["sae", "train", str(path)]) == 2
+    assert "sae.architecture 'gated'" in capsys.readouterr().err
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    path = experiment(tmp_path, model_dir)
+    assert main(["sae", "train", str(path), "--run-dir", str(foreign)]) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert (foreign / "notes.txt").read_text() == "mine"
