@@ -120,6 +120,10 @@ def cmd_generate(args) -> None:
     )
     if tokenizer is None:
         raise ConfigError(f"no tokenizer.json in {args.hf or args.checkpoint}")
+    if args.steer:
+        from qwenjax.interp.steer import steered
+
+        model = steered(model, args.steer)
     if args.chat:
         messages = [{"role": "system", "content": args.system}] if args.system else []
         ids = chat_prompt(tokenizer, messages + [{"role": "user", "content": args.prompt}])
@@ -217,6 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mesh", help="e.g. context=8 (long prompts) or fsdp=2,expert=4")
     p.add_argument("--dtype", default="float32", help="compute dtype (runtime.dtype)")
+    p.add_argument("--steer", action="append", metavar="SAE:LATENT:SCALE",
+                   help="add SCALE x the SAE latent's decoder direction at its site (repeatable)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("plan", help="compile the train step for a TPU slice: fits? collectives?")

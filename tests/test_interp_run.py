@@ -44,9 +44,16 @@ def experiment(tmp_path, model_dir, **over):
     return path
 
 
-def test_sae_train_evaluates_and_resumes_exactly(tmp_path, model_dir, capsys):
-    path, run = experiment(tmp_path, model_dir), tmp_path / "run"
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, model_dir):
+    root = tmp_path_factory.mktemp("sae_run")
+    path, run = experiment(root, model_dir), root / "run"
     assert main(["sae", "train", str(path), "--run-dir", str(run)]) == 0
+    return path, run
+
+
+def test_sae_train_evaluates_and_resumes_exactly(tmp_path, trained):
+    path, run = trained
     first = load_file(str(run / "sae" / "sae_weights.safetensors"))
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     final = rows[-1]
@@ -109,3 +116,58 @@ def test_bad_sae_input_is_one_line_and_exit_2(tmp_path, model_dir, capsys):
     assert main(["sae", "train", str(path), "--run-dir", str(foreign)]) == 2
     assert "not empty" in capsys.readouterr().err
     assert (foreign / "notes.txt").read_text() == "mine"
+
+
+def test_analyze_writes_a_dashboard_page_per_latent(trained, tmp_path):
+    _, run = trained
+    out = tmp_path / "dash"
+    assert main(["sae", "analyze", str(run), "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(summary["latents"]) == 32 and summary["tokens"] == 512
+    index = (out / "index.html").read_text()
+    for f in summary["latents"]:
+        page = (out / f"latent_{f}.html").read_text()
+        assert f"latent_{f}.html" in index and page.count('class="top"') >= 1
+        assert (out / f"latent_{f}.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "frequencies.png").stat().st_size > 1000
+    assert main(["sae", "analyze", str(run), "--out", str(out)]) == 0  # its own output: replaced
+
+
+def test_steering_adds_the_decoder_direction_at_the_site(trained, model_dir):
+    from qwenjax.interp.capture import forward_with_hooks
+    from qwenjax.interp.steer import steered
+    from qwenjax.train.checkpoint import load_params
+
+    _, run = trained
+    model = load_params(model_dir)
+    ids = jnp.asarray(np.random.RandomState(1).randint(0, 512, (2, 16)))
+    s = steered(model, [f"{run}:3:5.0"])
+    sites = [("resid_post", 1), ("resid_pre", 1)]
+    _, clean = forward_with_hooks(model, ids, capture=sites)
+    # Steer at layer 0's output instead, to see it arrive as layer 1's input.
+    s0 = type(s)(model, [("resid_post", 0)], [np.asarray(s.vectors[0][...])])
+    with qwenjax.model.hooks.hooks(capture=sites) as h:
+        s0(ids)
+    _, base0 = forward_with_hooks(model, ids, capture=[("resid_post", 0)])
+    direction = load_file(str(run / "sae" / "sae_weights.safetensors"))["W_dec"][3]
+    assert abs(float(np.linalg.norm(direction)) - 1) <= 1e-5
+    assert np.array_equal(h.values[("resid_pre", 1)],
+                          base0[("resid_post", 0)] + jnp.asarray(5.0 * direction))
+    assert not np.array_equal(h.values[("resid_post", 1)], clean[("resid_post", 1)])
+    # generation: scale 0 is the plain model's output, a large scale changes it
+    prompt = [[5, 6, 7, 8]]
+    plain = qwenjax.generate(model, prompt, max_new_tokens=8)
+    assert qwenjax.generate(steered(model, [f"{run}:3:0"]), prompt, max_new_tokens=8) == plain
+    assert qwenjax.generate(steered(model, [f"{run}:3:400"]), prompt, max_new_tokens=8) != plain
+
+
+def test_bad_steer_and_analyze_input_is_one_line(trained, model_dir, tmp_path, capsys):
+    _, run = trained
+    argv = ["generate", "--checkpoint", str(model_dir), "--prompt", "def ", "--max-new-tokens", "2"]
+    for spec, match in [(f"{run}:999:1", "latent 999"), (f"{run}:x:1", "SAE_DIR:LATENT:SCALE"),
+                        (f"{tmp_path}:1:1", "not a qwenjax SAE directory")]:
+        assert main(argv + ["--steer", spec]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and match in err
+    assert main(["sae", "analyze", str(tmp_path)]) == 2
+    assert "not a finished SAE run" in capsys.readouterr().err

@@ -75,8 +75,13 @@ def check_key(key: Key, num_layers: int) -> Key:
 
 @contextlib.contextmanager
 def hooks(capture: Iterable[Key] = (), edits: Mapping[Key, Callable] | None = None):
-    """Make hooks active for the forward passes traced inside (see the module docstring)."""
+    """Make hooks active for the forward passes traced inside (see the module docstring).
+    Nested inside other hooks, it adds to them: captures of both, edits of both (the inner one
+    wins on a shared site), and values reported to both."""
+    outer = _HOOKS.get()
     h = Hooks(tuple(capture), dict(edits or {}))
+    if outer is not None:
+        h = Hooks(outer.capture + h.capture, {**outer.edits, **h.edits}, outer.values)
     token = _HOOKS.set(h)
     try:
         yield h
