@@ -171,3 +171,27 @@ def test_bad_steer_and_analyze_input_is_one_line(trained, model_dir, tmp_path, c
         assert len(err.splitlines()) == 1 and match in err
     assert main(["sae", "analyze", str(tmp_path)]) == 2
     assert "not a finished SAE run" in capsys.readouterr().err
+
+
+def test_disk_store_resumes_and_equals_in_memory_capture(model_dir, tmp_path):
+    import ml_dtypes
+
+    from qwenjax.interp import activations as A
+    from qwenjax.interp.experiment import sae_experiment_from_dict
+    from qwenjax.interp.run import load_model, token_stream
+
+    exp = sae_experiment_from_dict(yaml.safe_load(experiment(tmp_path, model_dir).read_text()))
+    model, tok, key = load_model(exp)
+    ref, _ = A.collect(model, key, token_stream(exp, tok), 2048)
+    store = A.DiskStore(tmp_path / "store", "bfloat16")
+    A.fill_store(store, model, key, token_stream(exp, tok), 1000, shard_rows=512)  # "killed"
+    assert store.rows == 1024 and len(store.manifest["shards"]) == 2  # whole 256-row batches
+    again = A.DiskStore(tmp_path / "store", "bfloat16")  # a new process resumes the capture
+    A.fill_store(again, model, key, token_stream(exp, tok), 2048, shard_rows=512)
+    rows = A.StoreRows(again)
+    assert len(rows) == 2048 and len(again.manifest["shards"]) == 4
+    got = rows[np.arange(2048)]
+    want = ref.astype(ml_dtypes.bfloat16).astype(np.float32)
+    assert np.array_equal(got, want)
+    with pytest.raises(ValueError, match="bfloat16 activations"):
+        A.DiskStore(tmp_path / "store", "float32")

@@ -24,18 +24,21 @@ import numpy as np
 from qwenjax.interp.capture import capture_fn
 
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
+STORED = {"float32": np.float32, "bfloat16": np.uint16}
 SHARD_ROWS = 1 << 16
 
 
-def capture_batches(model, key, stream, rows: int) -> Iterator[tuple[dict, np.ndarray]]:
-    """(token batch, activations [B*T, D] float32) from the packed `stream` until `rows` rows."""
+def capture_batches(model, key, stream, rows: int, *, whole: bool = False
+                    ) -> Iterator[tuple[dict, np.ndarray]]:
+    """(token batch, activations [B*T, D] float32) from the packed `stream` until `rows` rows;
+    the last batch is cut to fit unless `whole` (then the rows end where the stream stands)."""
     run = capture_fn(model, [key])
     done = 0
     while done < rows:
         batch = stream.next_batch()
         acts = run(batch["input_ids"], batch["positions"], batch["segment_ids"])[key]
         acts = np.asarray(acts, np.float32).reshape(-1, acts.shape[-1])
-        take = min(len(acts), rows - done)
+        take = len(acts) if whole else min(len(acts), rows - done)
         done += take
         yield batch, acts[:take]
 
@@ -73,7 +76,8 @@ class DiskStore:
         name = f"shard-{len(self.manifest['shards']):05d}.npy"
         tmp = self.dir / f".{name}.tmp"
         with open(tmp, "wb") as f:
-            np.save(f, acts.astype(DTYPES[self.dtype]))
+            # bfloat16 is stored as its uint16 bits: .npy has no bfloat16 type.
+            np.save(f, acts.astype(DTYPES[self.dtype]).view(STORED[self.dtype]))
         os.replace(tmp, self.dir / name)
         self.manifest["shards"].append({"file": name, "rows": len(acts)})
         self.manifest["rows"] += len(acts)
@@ -91,13 +95,14 @@ class DiskStore:
 
 
 def fill_store(store: DiskStore, model, key, stream, rows: int, shard_rows: int = SHARD_ROWS):
-    """Capture until the store holds `rows` rows, resuming after its last complete shard."""
+    """Capture until the store holds at least `rows` rows (whole batches, so the saved stream
+    state is exactly where its rows end), resuming after its last complete shard."""
     if store.manifest["complete"] and store.rows >= rows:
         return store
     if store.manifest["stream_state"] is not None:
         stream.set_state(store.manifest["stream_state"])
     pending, n = [], 0
-    for _, acts in capture_batches(model, key, stream, rows - store.rows):
+    for _, acts in capture_batches(model, key, stream, rows - store.rows, whole=True):
         pending.append(acts)
         n += len(acts)
         if n >= shard_rows:
@@ -117,6 +122,7 @@ class StoreRows:
         self.shards = [np.load(store.dir / s["file"], mmap_mode="r")
                        for s in store.manifest["shards"]]
         self.starts = np.cumsum([0] + [len(s) for s in self.shards])
+        self.dtype = DTYPES[store.dtype]
         self.shape = (int(self.starts[-1]), self.shards[0].shape[1])
 
     def __len__(self) -> int:
@@ -130,5 +136,5 @@ class StoreRows:
         out = np.empty((len(idx), self.shape[1]), np.float32)
         for s in np.unique(which):
             sel = which == s
-            out[sel] = self.shards[s][idx[sel] - self.starts[s]]
+            out[sel] = self.shards[s][idx[sel] - self.starts[s]].view(self.dtype)
         return out
