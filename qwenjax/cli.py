@@ -114,6 +114,11 @@ def cmd_generate(args) -> None:
         raise GenerationError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     if not args.prompt and not args.chat:
         raise GenerationError("--prompt is empty; give at least one character")
+    if args.steer:
+        from qwenjax.interp.steer import parse_steer
+
+        for spec in args.steer:
+            parse_steer(spec)
     mesh = _mesh_arg(args.mesh)
     model, tokenizer = load_for_inference(
         args.hf, args.checkpoint, runtime=RuntimeConfig(dtype=args.dtype), mesh=mesh

@@ -98,17 +98,25 @@ def test_edits_rewrite_one_site_of_one_scanned_layer():
     model, ids, _ = setup("qwen3-moe-tiny")
     ids = jnp.asarray(ids)
     key = ("attn_out", 1)
-    _, base = forward_with_hooks(model, ids, capture=[("resid_pre", 1), ("resid_post", 1),
-                                                      ("resid_post", 0), ("mlp_out", 1)])
-    _, edited = forward_with_hooks(model, ids, capture=list(base), edits={key: jnp.zeros_like})
+    sites = [("resid_pre", 1), ("resid_post", 1), ("resid_post", 0), ("mlp_out", 1)]
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def run(state):
+        m = nnx.merge(graphdef, state)
+        _, base = forward_with_hooks(m, ids, capture=sites)
+        _, edited = forward_with_hooks(m, ids, capture=sites, edits={key: jnp.zeros_like})
+        same, _ = forward_with_hooks(m, ids, edits={key: lambda a: a})
+        return base, edited, same, m(ids)
+
+    base, edited, same, plain = run(state)
     assert np.array_equal(edited[("resid_post", 0)], base[("resid_post", 0)])  # layer 0 as it was
     assert np.array_equal(edited[("resid_pre", 1)], base[("resid_pre", 1)])
     # layer 1 without its attention: resid_post = resid_pre + mlp(resid_pre)
     assert np.array_equal(edited[("resid_post", 1)],
                           edited[("resid_pre", 1)] + edited[("mlp_out", 1)])
     assert float(jnp.abs(edited[("resid_post", 1)] - base[("resid_post", 1)]).max()) > 1e-3
-    same, _ = forward_with_hooks(model, ids, edits={key: lambda a: a})
-    assert np.array_equal(same, model(ids))
+    assert np.array_equal(same, plain)
 
 
 def test_bad_sites_are_refused_in_one_line():

@@ -38,7 +38,8 @@ def experiment(tmp_path, model_dir, **over):
            "sae": {"architecture": "topk", "expansion": 2, "k": 8, "dead_tokens": 2048},
            "train_tokens": 4096, "eval_tokens": 512, "model_batch": 8, "batch_size": 256,
            "steps": 20, "log_every": 5, "lr": 0.003, "warmup_steps": 2,
-           "checkpoint": {"every": 10, "keep": 3, "async_save": False}, **over}
+           "checkpoint": {"every": 10, "keep": 3, "async_save": False}, "analyze_latents": 4,
+           **over}
     path = tmp_path / "sae.yaml"
     path.write_text(yaml.safe_dump(exp))
     return path
@@ -94,7 +95,7 @@ def test_spliced_loss_of_a_perfect_reconstruction_is_the_clean_loss():
     params = jax.tree.map(jnp.asarray, params)
     tokens = np.random.RandomState(0).randint(0, 512, (4, 33))
     batch = {k: np.asarray(v) for k, v in batch_from_tokens(jnp.asarray(tokens))._asdict().items()}
-    for key in [("resid_post", 0), ("attn_out", 1), ("mlp_out", 1)]:
+    for key in [("resid_post", 0), ("attn_out", 1)]:
         out = spliced_losses(model, key, sae_cfg, params, [batch])
         assert abs(out["ce_spliced"] - out["ce_clean"]) <= 1e-6
         assert abs(out["ce_zero_ablated"] - out["ce_clean"]) > 1e-3
@@ -123,7 +124,7 @@ def test_analyze_writes_a_dashboard_page_per_latent(trained, tmp_path):
     out = tmp_path / "dash"
     assert main(["sae", "analyze", str(run), "--out", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert len(summary["latents"]) == 32 and summary["tokens"] == 512
+    assert len(summary["latents"]) == 4 and summary["tokens"] == 512
     index = (out / "index.html").read_text()
     for f in summary["latents"]:
         page = (out / f"latent_{f}.html").read_text()
@@ -134,31 +135,40 @@ def test_analyze_writes_a_dashboard_page_per_latent(trained, tmp_path):
 
 
 def test_steering_adds_the_decoder_direction_at_the_site(trained, model_dir):
+    from flax import nnx
+
     from qwenjax.interp.capture import forward_with_hooks
-    from qwenjax.interp.steer import steered
+    from qwenjax.interp.steer import Steered, steered
     from qwenjax.train.checkpoint import load_params
 
     _, run = trained
     model = load_params(model_dir)
     ids = jnp.asarray(np.random.RandomState(1).randint(0, 512, (2, 16)))
-    s = steered(model, [f"{run}:3:5.0"])
-    sites = [("resid_post", 1), ("resid_pre", 1)]
-    _, clean = forward_with_hooks(model, ids, capture=sites)
-    # Steer at layer 0's output instead, to see it arrive as layer 1's input.
-    s0 = type(s)(model, [("resid_post", 0)], [np.asarray(s.vectors[0][...])])
-    with qwenjax.model.hooks.hooks(capture=sites) as h:
-        s0(ids)
-    _, base0 = forward_with_hooks(model, ids, capture=[("resid_post", 0)])
     direction = load_file(str(run / "sae" / "sae_weights.safetensors"))["W_dec"][3]
     assert abs(float(np.linalg.norm(direction)) - 1) <= 1e-5
-    assert np.array_equal(h.values[("resid_pre", 1)],
-                          base0[("resid_post", 0)] + jnp.asarray(5.0 * direction))
-    assert not np.array_equal(h.values[("resid_post", 1)], clean[("resid_post", 1)])
+    # Steer layer 0's output, to see it arrive as layer 1's input.
+    s0 = Steered(model, [("resid_post", 0)], [5.0 * direction])
+    graphdef, state = nnx.split(s0)
+
+    @jax.jit
+    def both(state):
+        s = nnx.merge(graphdef, state)
+        sites = [("resid_post", 0), ("resid_pre", 1), ("resid_post", 1)]
+        _, clean = forward_with_hooks(s.lm, ids, capture=sites)
+        with qwenjax.model.hooks.hooks(capture=sites) as h:
+            s(ids)
+        return clean, h.values
+
+    clean, steer = both(state)
+    assert np.array_equal(steer[("resid_post", 0)], clean[("resid_post", 0)])  # before the edit
+    assert np.array_equal(steer[("resid_pre", 1)],
+                          clean[("resid_post", 0)] + jnp.asarray(5.0 * direction))
+    assert not np.array_equal(steer[("resid_post", 1)], clean[("resid_post", 1)])
     # generation: scale 0 is the plain model's output, a large scale changes it
     prompt = [[5, 6, 7, 8]]
-    plain = qwenjax.generate(model, prompt, max_new_tokens=8)
-    assert qwenjax.generate(steered(model, [f"{run}:3:0"]), prompt, max_new_tokens=8) == plain
-    assert qwenjax.generate(steered(model, [f"{run}:3:400"]), prompt, max_new_tokens=8) != plain
+    plain = qwenjax.generate(model, prompt, max_new_tokens=6)
+    assert qwenjax.generate(steered(model, [f"{run}:3:0"]), prompt, max_new_tokens=6) == plain
+    assert qwenjax.generate(steered(model, [f"{run}:3:400"]), prompt, max_new_tokens=6) != plain
 
 
 def test_bad_steer_and_analyze_input_is_one_line(trained, model_dir, tmp_path, capsys):

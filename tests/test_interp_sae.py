@@ -45,14 +45,16 @@ def test_sae_recovers_known_sparse_features(arch, coeff, steps, bound):
     assert float(np.abs(norms - 1).max()) <= 1e-5
 
 
-def test_wide_sae_latents_split_over_devices_recover_features():
-    x, feats = synthetic()
+def test_wide_sae_latents_split_over_devices_train_as_on_one():
+    x, _ = synthetic()
     mesh = qwenjax.make_mesh({"tensor": 8})
     cfg = S.SAEConfig(architecture="topk", d_sae=128, k=3, dead_tokens=5000)
-    params, _ = train_in_memory(cfg, x, steps=200, batch_size=512, lr=3e-3, mesh=mesh)
-    shards = params["W_dec"].addressable_shards
+    split, _ = train_in_memory(cfg, x, steps=30, batch_size=512, lr=3e-3, mesh=mesh)
+    whole, _ = train_in_memory(cfg, x, steps=30, batch_size=512, lr=3e-3)
+    shards = split["W_dec"].addressable_shards
     assert len(shards) == 8 and all(s.data.shape == (16, 32) for s in shards)
-    assert mean_max_cosine(params, feats) >= 0.9
+    for k in whole:
+        assert float(jnp.abs(split[k] - whole[k]).max()) <= 1e-4, k
 
 
 def test_auxk_loss_reaches_only_dead_latents():
