@@ -110,6 +110,9 @@ def test_bad_sae_input_is_one_line_and_exit_2(tmp_path, model_dir, capsys):
     path = experiment(tmp_path, model_dir, sae={"architecture": "gated"})
     assert main(["sae", "train", str(path)]) == 2
     assert "sae.architecture 'gated'" in capsys.readouterr().err
+    path = experiment(tmp_path, model_dir, sae={"k": 5000, "expansion": 2})  # 256 latents
+    assert main(["sae", "train", str(path), "--run-dir", str(tmp_path / "r2")]) == 2
+    assert "sae.k (5000)" in capsys.readouterr().err and not (tmp_path / "r2").exists()
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")

@@ -128,6 +128,10 @@ def train_sae_run(exp: SAEExperiment, run_dir: str | Path) -> dict:
         raise ConfigError(f"latent_devices {n_dev}: needs that many devices ({len(jax.devices())} "
                           "here) and to divide sae.d_sae")
     model, tokenizer, key = load_model(exp)
+    width = model.config.num_experts if key[0] == "router_logits" else model.config.hidden_size
+    cfg = exp.sae.resolved(width)  # every setting checked before the run directory is written
+    if cfg.width % n_dev:
+        raise ConfigError(f"latent_devices {n_dev} does not divide the {cfg.width} latents")
     run_dir.mkdir(parents=True, exist_ok=True)
     if not resuming:
         tmp = run_dir / ".config.yaml.tmp"
@@ -137,9 +141,6 @@ def train_sae_run(exp: SAEExperiment, run_dir: str | Path) -> dict:
     eval_rows, eval_batches, train_rows = prepare(exp, run_dir, model, tokenizer, key)
     log(f"captured {len(eval_rows)} eval + {len(train_rows)} train activations of {exp.site} "
         f"({time.time() - t0:.1f}s)")
-    cfg = exp.sae.resolved(eval_rows.shape[1])
-    if cfg.width % n_dev:
-        raise ConfigError(f"latent_devices {n_dev} does not divide the {cfg.width} latents")
     mesh = None
     if n_dev > 1:
         from qwenjax.sharding import make_mesh
