@@ -56,6 +56,12 @@ def run(model, ids, keys, mesh=None, layout="zigzag"):
     return jax.tree.map(back, out)
 
 
+@functools.cache
+def one_device(name: str):
+    model, ids, keys = setup(name)
+    return run(model, ids, keys)
+
+
 def check_self_consistent(plain, logits, relogits, values, layers):
     eq = lambda a, b: np.array_equal(np.asarray(a), np.asarray(b))
     assert eq(plain, logits)  # capturing changes nothing
@@ -69,8 +75,8 @@ def check_self_consistent(plain, logits, relogits, values, layers):
 
 
 def test_capture_is_the_forwards_own_values_one_device():
-    model, ids, keys = setup("qwen3-moe-tiny")
-    plain, logits, relogits, values = run(model, ids, keys)
+    model, _, _ = setup("qwen3-moe-tiny")
+    plain, logits, relogits, values = one_device("qwen3-moe-tiny")
     check_self_consistent(plain, logits, relogits, values, model.config.num_layers)
     # Router logits: the layer's own router on its own normalised input.
     layer_in = values[("resid_pre", 1)] + values[("attn_out", 1)]
@@ -85,7 +91,7 @@ def test_capture_is_the_forwards_own_values_one_device():
 ], ids=str)
 def test_capture_on_a_mesh_equals_one_device(name, shape):
     model, ids, keys = setup(name)
-    ref = run(model, ids, keys)
+    ref = one_device(name)
     check_self_consistent(*ref, model.config.num_layers)  # one device (qwen3.5: GDN layers)
     mesh = qwenjax.make_mesh(shape, jax.devices()[: int(np.prod(list(shape.values())))])
     plain, logits, relogits, values = run(model, ids, keys, mesh)
