@@ -48,7 +48,8 @@ def experiment(tmp_path, model_dir, **over):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, model_dir):
     root = tmp_path_factory.mktemp("sae_run")
-    path, run = experiment(root, model_dir), root / "run"
+    # The disk store: the resumed run below reads its activations back instead of capturing.
+    path, run = experiment(root, model_dir, store="disk"), root / "run"
     assert main(["sae", "train", str(path), "--run-dir", str(run)]) == 0
     return path, run
 
@@ -70,8 +71,12 @@ def test_sae_train_evaluates_and_resumes_exactly(tmp_path, trained):
     # A run stopped after step 10's checkpoint and restarted ends with the same SAE, bit for bit.
     shutil.rmtree(run / "checkpoints" / "20")
     shutil.rmtree(run / "sae")
+    shards = sorted((run / "activations").glob("shard-*.npy"))
+    assert sum(np.load(f, mmap_mode="r").shape[0] for f in shards) == 4096
+    stamps = [f.stat().st_mtime_ns for f in shards]
     assert main(["sae", "train", str(path), "--run-dir", str(run)]) == 0
     again = load_file(str(run / "sae" / "sae_weights.safetensors"))
+    assert [f.stat().st_mtime_ns for f in shards] == stamps  # read back, not captured again
     assert all(np.array_equal(first[k], again[k]) for k in first)
     rows2 = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows2] == [5, 10, 15, 20]
