@@ -132,6 +132,22 @@ class CheckpointConfig:
             )
 
 
+@dataclass(frozen=True, kw_only=True)
+class MTPConfig:
+    """Multi-token prediction in training (model/mtp.py): the loss adds `weight` times the mean
+    over depths 1..`depth` of each depth's cross-entropy. The model needs MTP layers
+    (`mtp_layers` in its config; Qwen3-Next / Qwen3.5 checkpoints ship one)."""
+
+    depth: int = 0  # 0 = off
+    weight: float = 0.3  # DeepSeek-V3's lambda for the first 10T tokens
+
+    def __post_init__(self):
+        if not isinstance(self.depth, int) or self.depth < 0:
+            raise ConfigError(f"mtp.depth must be an integer >= 0 (0 = off), got {self.depth!r}")
+        if self.weight < 0:
+            raise ConfigError(f"mtp.weight must be >= 0, got {self.weight}")
+
+
 EVAL_TASKS = ("passkey", "niah_single", "niah_multikey", "variable_tracking", "common_words",
               "perplexity")  # qwenjax.evals runs them; see qwenjax/evals/__init__.py
 
@@ -177,6 +193,7 @@ class ExperimentConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    mtp: MTPConfig = field(default_factory=MTPConfig)
     steps: int = 300
     batch_size: int = 16  # global batch (rows) per optimizer step
     grad_accum: int = 1  # micro-batches per step: each is batch_size / grad_accum rows
@@ -229,7 +246,13 @@ class ExperimentConfig:
         if self.model_overrides:
             cfg = ModelConfig.from_dict({**cfg.to_dict(), **self.model_overrides},
                                         source="model_overrides")
-        return cfg.replace(runtime=self.runtime)
+        cfg = cfg.replace(runtime=self.runtime)
+        if self.mtp.depth and not cfg.mtp_layers:
+            raise ConfigError(
+                f"mtp.depth is {self.mtp.depth} but the model has no MTP layers; set "
+                "model_overrides.mtp_layers (Qwen3-Next / Qwen3.5 checkpoints have 1)"
+            )
+        return cfg
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -51,6 +51,11 @@ class Steered(nnx.Module):
     def head_kernel(self):
         return self.lm.head_kernel()
 
+    def mtp_extend(self, *args, **kwargs):
+        """Speculative decoding's drafts come from the unsteered MTP module; the steered model
+        verifies them (`extend`), so the output is the steered model's."""
+        return self.lm.mtp_extend(*args, **kwargs)
+
 
 def parse_steer(text: str) -> tuple[str, int, float]:
     """'SAE_DIR:LATENT:SCALE' -> (dir, latent, scale)."""

@@ -45,7 +45,7 @@ def build_tokenizer(exp: ExperimentConfig, run_dir):
 
 def build_dataset(exp: ExperimentConfig, tokenizer) -> PackedDataset:
     dataset = PackedDataset(build_corpus(exp), tokenizer, exp.data.seq_len, seed=exp.seed,
-                             lanes=exp.batch_size)
+                             lanes=exp.batch_size, lookahead=exp.mtp.depth)
     if jax.process_count() > 1:
         dataset = dataset.shard(jax.process_index(), jax.process_count())
     return dataset

@@ -39,6 +39,7 @@ from qwenjax.experiment import (
     same_run,
 )
 from qwenjax.model.partition import abstract_model, init_sharded
+from qwenjax.model.mtp import mtp_arrays
 from qwenjax.ops.context_layout import to_layout
 from qwenjax.paths import as_path, is_url, rmtree
 from qwenjax.sharding import activate, check_rules, make_mesh, mesh_platform
@@ -174,7 +175,16 @@ def _micro_batches(arrays: dict, grad_accum: int, sharding, context: int = 1,
         x = x.reshape(grad_accum, x.shape[0] // grad_accum, *x.shape[1:])
         return jax.make_array_from_process_local_data(sharding, x) if sharding else jax.device_put(x)
 
-    return Batch(**{k: put(arrays[k]) for k in Batch._fields})
+    return Batch(**{k: put(arrays[k]) for k in Batch._fields if k in arrays})
+
+
+def _with_mtp(arrays: dict, depth: int) -> dict:
+    """Add the MTP inputs, targets and masks (from the rows' look-ahead windows) to a batch."""
+    window_ids, window_segments = arrays.pop("window_ids"), arrays.pop("window_segments")
+    if depth:
+        arrays["mtp_inputs"], arrays["mtp_targets"], arrays["mtp_mask"] = mtp_arrays(
+            window_ids, window_segments, arrays["loss_mask"], depth)
+    return arrays
 
 
 def train(exp: ExperimentConfig, run_dir: str | Path, *, overwrite_export: bool = False) -> dict:
@@ -264,7 +274,7 @@ def _run(exp, run_dir, cfg, mesh, rules, tokenizer, primary, overwrite_export) -
 
     step_fn = make_train_step(
         graphdef, tx, aux_weight=exp.aux_loss_weight, z_weight=exp.z_loss_weight,
-        state_sharding=state_sharding, batch_sharding=batch_sharding,
+        mtp_weight=exp.mtp.weight if exp.mtp.depth else 0.0, state_sharding=state_sharding, batch_sharding=batch_sharding,
     )
     schedule = learning_rate(exp.optimizer, exp.steps)
     flops_tok = flops_per_token(cfg, exp.data.seq_len)
@@ -282,6 +292,8 @@ def _run(exp, run_dir, cfg, mesh, rules, tokenizer, primary, overwrite_export) -
             pending = None  # (step, its bad-step counter), read one step late
             for step in range(start + 1, exp.steps + 1):
                 arrays = dataset.next_batch(local_batch)
+                if exp.mtp.depth:
+                    arrays = _with_mtp(arrays, exp.mtp.depth)
                 state, metrics = step_fn(state, _micro_batches(arrays, exp.grad_accum, batch_sharding,
                                                             exp.mesh.context, exp.mesh.context_layout))
                 # Reading this step's counter now would wait for it to finish before the next is
