@@ -136,6 +136,18 @@ def cmd_generate(args) -> None:
         ids = tokenizer.encode(args.prompt)
     if not ids:
         raise GenerationError(f"--prompt {args.prompt!r} encodes to no tokens")
+    if args.speculative:  # drafts verified in rounds: the text comes at the end
+        from qwenjax.infer.generate import generate_speculative
+
+        (new,), stats = generate_speculative(
+            model, [ids], depth=args.speculative, max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+            stop_tokens=default_stop_tokens(model, tokenizer), seed=args.seed, mesh=mesh)
+        print(tokenizer.decode(new), flush=True)
+        print(f"speculative: {stats['rounds']} main-model passes, "
+              f"{stats['tokens_per_pass']:.2f} tokens per pass, "
+              f"{100 * stats['acceptance']:.0f}% of drafts accepted", file=sys.stderr)
+        return
     stream = generate_stream(
         model, ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
         top_k=args.top_k, top_p=args.top_p, stop_tokens=default_stop_tokens(model, tokenizer),
@@ -228,6 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", help="compute dtype (runtime.dtype)")
     p.add_argument("--steer", action="append", metavar="SAE:LATENT:SCALE",
                    help="add SCALE x the SAE latent's decoder direction at its site (repeatable)")
+    p.add_argument("--speculative", type=int, default=0, metavar="D",
+                   help="self-speculative decoding: the model's MTP module drafts D tokens per "
+                        "main-model pass (Qwen3-Next / Qwen3.5 checkpoints); 0 = off")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("plan", help="compile the train step for a TPU slice: fits? collectives?")

@@ -214,12 +214,12 @@ def speculative_decode(graphdef, params, ids, positions, segs, stops, key, sampl
                           & (j[None] <= a), axis=1)
         # 5. keep the accepted prefix
         cache = keep_states(rewind(cache, m_len + a + 1), hists, a)
-        return dict(x=nxt, count=a + 1, emitted=emitted + a + 1, rounds=c["rounds"] + 1,
-                    cache=cache, mcache=mcache, pend_h=h, pend_ids=emit.clip(0), out=out,
-                    done=c["done"] | stopped)
+        return {"x": nxt, "count": a + 1, "emitted": emitted + a + 1, "rounds": c["rounds"] + 1,
+                    "cache": cache, "mcache": mcache, "pend_h": h, "pend_ids": emit.clip(0), "out": out,
+                    "done": c["done"] | stopped}
 
-    carry = dict(x=first, count=jnp.int32(1), emitted=jnp.int32(1), rounds=jnp.int32(0),
-                 cache=cache, mcache=mcache, pend_h=pend_h, pend_ids=pend_ids, out=out, done=done)
+    carry = {"x": first, "count": jnp.int32(1), "emitted": jnp.int32(1), "rounds": jnp.int32(0),
+                 "cache": cache, "mcache": mcache, "pend_h": pend_h, "pend_ids": pend_ids, "out": out, "done": done}
     c = jax.lax.while_loop(cond, body, carry)
     out = jnp.where(jnp.arange(steps + D + 1)[None] < c["emitted"], c["out"], NO_TOKEN)
     return out[:, :steps], c["rounds"], c["emitted"]

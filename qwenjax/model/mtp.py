@@ -31,6 +31,9 @@ from flax import nnx
 
 from qwenjax.config import ModelConfig
 from qwenjax.model.layers import RMSNorm, make_param
+from qwenjax.sharding import constrain
+
+ACT_BTD = ("batch", "length", "act_embed")  # as model/transformer.py
 
 
 class MTP(nnx.Module):
@@ -54,9 +57,12 @@ class MTP(nnx.Module):
         """[B,T,D] embeddings of the tokens t+k and hidden states h^{k-1} -> layer input u^k."""
         dt = hidden.dtype
         w = self.fc_kernel[...].astype(dt)
-        e = self.embed_norm(embeddings.astype(dt))
-        h = self.hidden_norm(hidden)
-        return jnp.einsum("btd,de->bte", e, w[0]) + jnp.einsum("btd,de->bte", h, w[1])
+        # Activations keep the model's layout (tokens over batch/context, D whole), so GSPMD
+        # gathers fc's D split (FSDP) instead of re-splitting the activations to match it.
+        e = constrain(self.embed_norm(embeddings.astype(dt)), ACT_BTD)
+        h = constrain(self.hidden_norm(hidden), ACT_BTD)
+        u = jnp.einsum("btd,de->bte", e, w[0]) + jnp.einsum("btd,de->bte", h, w[1])
+        return constrain(u, ACT_BTD)
 
     def __call__(self, depth: int, embeddings, hidden, inputs):
         """One depth over a whole sequence -> (h^k [B,T,D], router stats). `inputs` are the

@@ -77,8 +77,14 @@ def lower_train_step(exp: ExperimentConfig, cfg: ModelConfig, mesh: Mesh, rules:
     shape = (A, exp.batch_size // A, T)
     batch = Batch(*(jax.ShapeDtypeStruct(shape, dt, sharding=sharding)
                     for dt in (jnp.int32, jnp.int32, jnp.float32, jnp.int32, jnp.int32)))
+    if exp.mtp.depth:  # multi-token prediction: per-depth inputs, targets, masks [A, B/A, T, D]
+        mtp = (*shape, exp.mtp.depth)
+        batch = batch._replace(**{k: jax.ShapeDtypeStruct(mtp, dt, sharding=sharding) for k, dt in
+                                  (("mtp_inputs", jnp.int32), ("mtp_targets", jnp.int32),
+                                   ("mtp_mask", jnp.float32))})
     step = make_train_step(
         graphdef, tx, aux_weight=exp.aux_loss_weight, z_weight=exp.z_loss_weight,
+        mtp_weight=exp.mtp.weight if exp.mtp.depth else 0.0,
         state_sharding=state_sharding, batch_sharding=sharding,
     )
     with activate(mesh, exp.mesh.rules, exp.mesh.context_layout, exp.runtime.platform):
