@@ -7,6 +7,7 @@
     qwenjax generate (--hf DIR | --checkpoint DIR) --prompt TEXT [--chat] [--mesh context=8] [...]
     qwenjax plan EXPERIMENT.yaml --topology v5p-128 [--set ...] [--infer] [--search batch]
                                           compile for a TPU slice (no TPU needed); last line JSON
+    qwenjax sae train|analyze|export ...  sparse autoencoders on a site's activations
 
 Bad input (a QwenJaxError) prints one line `qwenjax: error: ...` and exits with status 2; any
 other exception is a bug and keeps its traceback (status 1). Outputs are written by
@@ -113,12 +114,21 @@ def cmd_generate(args) -> None:
         raise GenerationError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     if not args.prompt and not args.chat:
         raise GenerationError("--prompt is empty; give at least one character")
+    if args.steer:
+        from qwenjax.interp.steer import parse_steer
+
+        for spec in args.steer:
+            parse_steer(spec)
     mesh = _mesh_arg(args.mesh)
     model, tokenizer = load_for_inference(
         args.hf, args.checkpoint, runtime=RuntimeConfig(dtype=args.dtype), mesh=mesh
     )
     if tokenizer is None:
         raise ConfigError(f"no tokenizer.json in {args.hf or args.checkpoint}")
+    if args.steer:
+        from qwenjax.interp.steer import steered
+
+        model = steered(model, args.steer)
     if args.chat:
         messages = [{"role": "system", "content": args.system}] if args.system else []
         ids = chat_prompt(tokenizer, messages + [{"role": "user", "content": args.prompt}])
@@ -179,6 +189,12 @@ def cmd_plan(args) -> None:
         raise PlanError(does_not_fit_line(report))
 
 
+def cmd_sae(args) -> None:
+    from qwenjax.interp.cli import run_sae_command
+
+    run_sae_command(args)
+
+
 _OVERWRITE = ("replace an output path that is not a previous output of the same kind (a "
               "non-empty directory or a file); without it such a path is refused")
 
@@ -222,6 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mesh", help="e.g. context=8 (long prompts) or fsdp=2,expert=4")
     p.add_argument("--dtype", default="float32", help="compute dtype (runtime.dtype)")
+    p.add_argument("--steer", action="append", metavar="SAE:LATENT:SCALE",
+                   help="add SCALE x the SAE latent's decoder direction at its site (repeatable)")
     p.add_argument("--speculative", type=int, default=0, metavar="D",
                    help="self-speculative decoding: the model's MTP module drafts D tokens per "
                         "main-model pass (Qwen3-Next / Qwen3.5 checkpoints); 0 = off")
@@ -238,6 +256,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="batch: the largest per-chip batch that fits (doubling, then bisection)")
     p.add_argument("--run-dir", help="where report.json and the HLO go (default runs/NAME/plan)")
     p.set_defaults(func=cmd_plan)
+
+    from qwenjax.interp.cli import add_sae_parser
+
+    add_sae_parser(sub, cmd_sae, _OVERWRITE)
 
     p = sub.add_parser("import-hf", help="Hugging Face directory -> Orbax parameter checkpoint")
     p.add_argument("hf_dir")

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from qwenjax.config import ModelConfig
+from qwenjax.model import hooks
 from qwenjax.model.layers import make_param
 from qwenjax.ops.expert_parallel import expert_parallel_ffn, single_device_mesh
 from qwenjax.ops.moe_dispatch import grouped_ffn, route, router_stats, swiglu
@@ -52,6 +53,7 @@ class MoE(nnx.Module):
         c = lambda p: p[...].astype(x.dtype)
         # Router in fp32 (transformers uses the compute dtype): fewer bf16 routing flips.
         logits = xf.astype(jnp.float32) @ self.router_kernel[...].astype(jnp.float32)  # [N,E]
+        logits = hooks.tap("router_logits", logits.reshape(B, T, -1)).reshape(B * T, -1)
         weights, experts, probs = route(logits, cfg.num_experts_per_tok, cfg.norm_topk_prob)
         w = (c(self.gate_kernel), c(self.up_kernel), c(self.down_kernel))
         y, dropped = self._experts(x, weights, experts, w)

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from qwenjax.config import ModelConfig
+from qwenjax.model import hooks
 from qwenjax.model.attention import Attention, CacheSlots, KVCache
 from qwenjax.model.gated_deltanet import GatedDeltaNet, RecurrentState
 from qwenjax.model.layers import RMSNorm, make_param, rope_tables
@@ -114,12 +115,13 @@ class DecoderLayer(nnx.Module):
         self.mlp = MoE(cfg, rngs=rngs) if self.is_moe else MLP(cfg, cfg.intermediate_size, rngs=rngs)
 
     def __call__(self, x, inputs: LayerInputs):
+        x = hooks.tap("resid_pre", x)
         h = self.input_norm(x)
         if self.is_linear:
-            x = x + self.attn(h, inputs.segment_ids, inputs.valid)
+            a = self.attn(h, inputs.segment_ids, inputs.valid)
         else:
-            x = x + self.attn(h, inputs.cos, inputs.sin, inputs.positions, inputs.segment_ids)
-        return self._mlp(x, inputs.valid)
+            a = self.attn(h, inputs.cos, inputs.sin, inputs.positions, inputs.segment_ids)
+        return self._mlp(x + hooks.tap("attn_out", a), inputs.valid)
 
     def _mlp(self, x, valid):
         h = self.post_attn_norm(x)
@@ -127,11 +129,12 @@ class DecoderLayer(nnx.Module):
             y, stats = self.mlp(h, valid)
         else:
             y, stats = self.mlp(h), empty_router_stats(self.num_experts)
-        return x + y, stats
+        return hooks.tap("resid_post", x + hooks.tap("mlp_out", y)), stats
 
     def extend(self, x, inputs: LayerInputs, slots: CacheSlots, cache, history: bool = False):
         """As `__call__` for new tokens after those in `cache` -> (x, new cache), and with
         `history` the recurrent state after each token (None for attention layers)."""
+        x = hooks.tap("resid_pre", x)
         h = self.input_norm(x)
         hist = None
         if self.is_linear and history:
@@ -144,7 +147,7 @@ class DecoderLayer(nnx.Module):
             a, cache = self.attn.extend(
                 h, inputs.cos, inputs.sin, inputs.positions, inputs.segment_ids, cache, slots
             )
-        x, _ = self._mlp(x + a, inputs.valid)
+        x, _ = self._mlp(x + hooks.tap("attn_out", a), inputs.valid)
         return (x, cache, hist) if history else (x, cache)
 
 
@@ -156,7 +159,8 @@ class Block(nnx.Module):
 
     def __call__(self, x, inputs: LayerInputs):
         total = None
-        for layer in self.layers:
+        for j, layer in enumerate(self.layers):
+            hooks.set_slot(j)
             x, stats = layer(x, inputs)
             total = stats if total is None else jax.tree.map(jnp.add, total, stats)
         return x, total
@@ -164,7 +168,8 @@ class Block(nnx.Module):
     def extend(self, x, inputs: LayerInputs, slots: CacheSlots, caches: tuple,
                history: bool = False):
         new, hists = [], []
-        for layer, cache in zip(self.layers, caches):
+        for j, (layer, cache) in enumerate(zip(self.layers, caches)):
+            hooks.set_slot(j)
             if history:
                 x, cache, hist = layer.extend(x, inputs, slots, cache, history=True)
                 hists.append(hist)
@@ -185,6 +190,7 @@ class LayerStack(nnx.Module):
             var.set_metadata("axes", ("layers", *var.get_metadata("axes")))
         self.block = nnx.merge(graphdef, state)
         self.repeats = spec.repeats
+        self.first_layer, self.period = spec.first_layer, len(spec.pattern)
         self.num_experts = cfg.num_experts
         self.remat = cfg.runtime.remat
         self.cfg = cfg
@@ -193,8 +199,12 @@ class LayerStack(nnx.Module):
         graphdef, params = nnx.split(self.block)
         cfg = self.cfg
 
+        active = hooks.active()
+        keys = active.captures_in(self.first_layer, self.period, self.repeats) if active else []
+        buffers = {k: hooks.buffer_like(k[0], x, self.num_experts) for k in keys}
+
         def body(carry, xs):
-            h, acc = carry
+            h, acc, bufs = carry
             block_params, repeat = xs
             # A barrier between the layer's slice of the stacked weights and its casts to the
             # compute dtype: without it XLA hoists each convert out of the loop and keeps a
@@ -209,9 +219,11 @@ class LayerStack(nnx.Module):
             segment_ids = tokens.segment_ids + salt
             cos, sin = rope_tables(cfg, positions, h.dtype)
             inputs = LayerInputs(cos, sin, positions, segment_ids, tokens.valid)
-            h, stats = nnx.merge(graphdef, block_params)(h, inputs)
+            bufs = dict(bufs)
+            with hooks.frame(self.first_layer, self.period, self.repeats, repeat, bufs):
+                h, stats = nnx.merge(graphdef, block_params)(h, inputs)
             h = constrain(h, ACT_BTD)
-            return (h, jax.tree.map(jnp.add, acc, stats)), None
+            return (h, jax.tree.map(jnp.add, acc, stats), bufs), None
 
         policy = REMAT_POLICIES[self.remat]
         if policy is not None:
@@ -219,7 +231,9 @@ class LayerStack(nnx.Module):
 
         zeros = empty_router_stats(self.num_experts)
         xs = (params, jnp.arange(self.repeats, dtype=jnp.int32))
-        (x, stats), _ = jax.lax.scan(body, (x, zeros), xs)
+        (x, stats, buffers), _ = jax.lax.scan(body, (x, zeros, buffers), xs)
+        if active:
+            active.values.update(buffers)
         return x, stats
 
     def extend(self, x, inputs: LayerInputs, slots: CacheSlots, caches: tuple,
@@ -248,7 +262,8 @@ class LayerStack(nnx.Module):
             h, caches = carry
             block_params, r = xs
             mine = jax.tree.map(lambda a: a[r], caches)
-            out = nnx.merge(graphdef, block_params).extend(h, inputs, slots, mine, history)
+            with hooks.frame(self.first_layer, self.period, self.repeats, r, {}):
+                out = nnx.merge(graphdef, block_params).extend(h, inputs, slots, mine, history)
             h, new = out[:2]
             caches = tuple(write_back(c, n, r) for c, n in zip(caches, new))
             return (h, caches), (out[2] if history else None)
