@@ -38,8 +38,8 @@ from qwenjax.experiment import (
     experiment_from_dict,
     same_run,
 )
-from qwenjax.model.partition import abstract_model, init_sharded
 from qwenjax.model.mtp import mtp_arrays
+from qwenjax.model.partition import abstract_model, init_sharded
 from qwenjax.ops.context_layout import to_layout
 from qwenjax.paths import as_path, is_url, rmtree
 from qwenjax.sharding import activate, check_rules, make_mesh, mesh_platform
