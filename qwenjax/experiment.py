@@ -60,19 +60,26 @@ class MeshConfig:
 @dataclass(frozen=True, kw_only=True)
 class DataConfig:
     # stdlib (Python's own sources, offline everywhere) | text | jsonl | passkey (synthetic
-    # passkey-retrieval documents, qwenjax.data.passkey; max_docs of them, 20000 if 0)
+    # passkey-retrieval documents, qwenjax.data.passkey; max_docs of them, 20000 if 0) | sft
+    # (JSONL of chat `messages`, prompt/completion or text records, qwenjax.data.sft)
     source: str = "stdlib"
     paths: list[str] = field(default_factory=list)  # globs for text / jsonl
     text_field: str = "text"  # the JSONL field holding the text
     max_docs: int = 0  # 0 = all documents
     seq_len: int = 256
+    overlong: str = "truncate"  # sft: an example longer than seq_len is cut (truncate) or dropped
+    loss_on: str = "assistant"  # sft: assistant turns / completions only, or all (ablation)
 
     def __post_init__(self):
-        if self.source not in ("stdlib", "text", "jsonl", "passkey"):
+        if self.source not in ("stdlib", "text", "jsonl", "passkey", "sft"):
             raise ConfigError(
-                f"data.source {self.source!r} is not one of stdlib, text, jsonl, passkey"
+                f"data.source {self.source!r} is not one of stdlib, text, jsonl, passkey, sft"
             )
-        if self.source in ("text", "jsonl") and not self.paths:
+        if self.overlong not in ("truncate", "drop"):
+            raise ConfigError(f"data.overlong {self.overlong!r} is not one of truncate, drop")
+        if self.loss_on not in ("assistant", "all"):
+            raise ConfigError(f"data.loss_on {self.loss_on!r} is not one of assistant, all")
+        if self.source in ("text", "jsonl", "sft") and not self.paths:
             raise ConfigError(f"data.paths is required for data.source={self.source}")
         if self.seq_len < 2:
             raise ConfigError("data.seq_len must be >= 2")

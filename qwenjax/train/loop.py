@@ -298,6 +298,7 @@ def _run(exp, run_dir, cfg, mesh, rules, tokenizer, primary, overwrite_export) -
                     metrics = jax.device_get(metrics)
                     metrics.update(lr=float(schedule(step - 1)), tokens_per_s=tps,
                                    mfu=tps * flops_tok / peak, skipped=int(state.skipped))
+                    metrics.update(getattr(dataset, "stats", {}))  # SFT: truncated / dropped
                     if writer is not None:
                         writer.write(step, metrics, steps_done_this_run=step - start)
                     summary["loss"] = float(metrics["loss"])
