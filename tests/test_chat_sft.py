@@ -29,8 +29,8 @@ CHAT = {
 }
 TOOL_CALLS = {
     "qwen3": '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>',
-    "qwen3.5": "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n"
-               "</function>\n</tool_call>",
+    "qwen3.5": ("<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n"
+                "</function>\n</tool_call>"),
 }
 
 
@@ -42,8 +42,8 @@ def _pieces(kind: str) -> list[tuple[str, bool]]:
         ("5<|im_end|>", True),
         ("\n<|im_start|>user\nWeather in Paris?<|im_end|>\n<|im_start|>assistant\n", False),
         (TOOL_CALLS[kind] + "<|im_end|>", True),
-        ("\n<|im_start|>user\n<tool_response>\nsunny\n</tool_response><|im_end|>\n"
-         "<|im_start|>assistant\n", False),
+        (("\n<|im_start|>user\n<tool_response>\nsunny\n</tool_response><|im_end|>\n"
+          "<|im_start|>assistant\n"), False),
         ("<think>\nIt said sunny.\n</think>\n\nSunny.<|im_end|>", True),
         ("\n", False),
     ]
@@ -53,7 +53,7 @@ def _pieces(kind: str) -> list[tuple[str, bool]]:
 def test_assistant_mask_token_by_token(kind):
     tok = qwen_tokenizer(kind)
     text = render_chat(tok, CHAT["messages"], CHAT["tools"])
-    system, _, rest = text.partition("<|im_end|>\n")
+    system, _, _ = text.partition("<|im_end|>\n")
     assert system.startswith("<|im_start|>system\nYou are terse.\n\n# Tools")
     assert '"name": "get_weather"' in system  # the tool list, as JSON
     pieces = [(system + "<|im_end|>\n", False)] + _pieces(kind)

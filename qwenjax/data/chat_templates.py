@@ -80,17 +80,17 @@ _QWEN3_5_TOOL_CALL = """\
 {{- '</function>\\n</tool_call>' }}"""
 
 _QWEN3_TOOLS = (
-    "'# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\n"
-    "You are provided with function signatures within <tools></tools> XML tags:\\n<tools>'",
-    "'\\n</tools>\\n\\nFor each function call, return a json object with function name and "
+    ("'# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\\n<tools>'"),
+    ("'\\n</tools>\\n\\nFor each function call, return a json object with function name and "
     "arguments within <tool_call></tool_call> XML tags:\\n<tool_call>\\n{\"name\": "
-    "<function-name>, \"arguments\": <args-json-object>}\\n</tool_call><|im_end|>\\n'",
+    "<function-name>, \"arguments\": <args-json-object>}\\n</tool_call><|im_end|>\\n'"),
 )
 _QWEN3_5_TOOLS = (
     "'# Tools\\n\\nYou have access to the following functions:\\n\\n<tools>'",
-    "'\\n</tools>\\n\\nIf you choose to call a function ONLY reply in the following format with "
+    ("'\\n</tools>\\n\\nIf you choose to call a function ONLY reply in the following format with "
     "NO suffix:\\n\\n<tool_call>\\n<function=example_function_name>\\n<parameter=example_parameter_1>"
-    "\\nvalue_1\\n</parameter>\\n</function>\\n</tool_call><|im_end|>\\n'",
+    "\\nvalue_1\\n</parameter>\\n</function>\\n</tool_call><|im_end|>\\n'"),
 )
 
 _QWEN3_PROMPT = """\

@@ -8,16 +8,15 @@ from __future__ import annotations
 
 import jax
 
+from qwenjax.data.chat_templates import QWEN3_TEMPLATE
 from qwenjax.data.corpus import jsonl_files, stdlib_corpus, text_files
 from qwenjax.data.packing import PackedDataset
 from qwenjax.data.passkey import passkey_corpus
-from qwenjax.data.spm import load_sentencepiece
-from qwenjax.data.chat_templates import QWEN3_TEMPLATE
 from qwenjax.data.sft import SFTDataset, read_sft_files
+from qwenjax.data.spm import load_sentencepiece
 from qwenjax.data.tokenizer import ENDOFTEXT, load_tokenizer, train_bpe
 from qwenjax.experiment import ExperimentConfig
 from qwenjax.paths import as_path
-
 
 # The special tokens a BPE trained for chat SFT gets, so the Qwen3 chat template tokenises as in
 # the real vocabulary (one id per turn marker and think tag).
