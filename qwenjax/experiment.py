@@ -139,6 +139,40 @@ class CheckpointConfig:
             )
 
 
+# LoRA target names: short names for the projections, or Hugging Face module names (which is
+# what PEFT's target_modules match). "experts": every routed expert's gate/up/down (per expert).
+LORA_TARGETS = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj",
+                "up": "up_proj", "down": "down_proj"}
+LORA_HF_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                   "in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "in_proj_qkvz",
+                   "in_proj_ba", "out_proj", "experts")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoRAConfig:
+    """Low-rank adapters (qwenjax/train/lora.py): rank 0 = off (full fine-tuning)."""
+
+    rank: int = 0
+    alpha: float = 16.0  # the update is (alpha / rank) * A @ B, as PEFT's lora_alpha
+    dropout: float = 0.0  # adapters are folded into the weights: only 0 is supported
+    targets: list[str] = field(default_factory=lambda: ["q", "k", "v", "o"])
+
+    def __post_init__(self):
+        if self.rank < 0:
+            raise ConfigError(f"lora.rank must be >= 0 (0 = off), got {self.rank}")
+        if self.dropout != 0.0:
+            raise ConfigError(
+                f"lora.dropout {self.dropout}: only 0 is supported (adapters are folded into "
+                "the weights inside the layer scan, where input dropout has no form)")
+        bad = [t for t in self.targets if t not in LORA_TARGETS and t not in LORA_HF_MODULES]
+        if bad or (self.rank and not self.targets):
+            raise ConfigError(f"lora.targets {self.targets!r}: each must be one of "
+                              f"{[*LORA_TARGETS, *LORA_HF_MODULES]}")
+
+    def hf_modules(self) -> set[str]:
+        return {LORA_TARGETS.get(t, t) for t in self.targets}
+
+
 EVAL_TASKS = ("passkey", "niah_single", "niah_multikey", "variable_tracking", "common_words",
               "perplexity")  # qwenjax.evals runs them; see qwenjax/evals/__init__.py
 
@@ -184,6 +218,7 @@ class ExperimentConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
     steps: int = 300
     batch_size: int = 16  # global batch (rows) per optimizer step
     grad_accum: int = 1  # micro-batches per step: each is batch_size / grad_accum rows

@@ -27,6 +27,7 @@ from qwenjax.config import ModelConfig
 from qwenjax.model.attention import Attention, CacheSlots, KVCache
 from qwenjax.model.gated_deltanet import GatedDeltaNet, RecurrentState
 from qwenjax.model.layers import RMSNorm, make_param, rope_tables
+from qwenjax.model.lora import fold_lora
 from qwenjax.model.mlp import MLP, MoE, empty_router_stats
 from qwenjax.sharding import constrain
 
@@ -198,7 +199,9 @@ class LayerStack(nnx.Module):
             segment_ids = tokens.segment_ids + salt
             cos, sin = rope_tables(cfg, positions, h.dtype)
             inputs = LayerInputs(cos, sin, positions, segment_ids, tokens.valid)
-            h, stats = nnx.merge(graphdef, block_params)(h, inputs)
+            block = nnx.merge(graphdef, block_params)
+            fold_lora(block)  # adapters, if any, added to their kernels for this layer
+            h, stats = block(h, inputs)
             h = constrain(h, ACT_BTD)
             return (h, jax.tree.map(jnp.add, acc, stats)), None
 
@@ -235,7 +238,9 @@ class LayerStack(nnx.Module):
             h, caches = carry
             block_params, r = xs
             mine = jax.tree.map(lambda a: a[r], caches)
-            h, new = nnx.merge(graphdef, block_params).extend(h, inputs, slots, mine)
+            block = nnx.merge(graphdef, block_params)
+            fold_lora(block)
+            h, new = block.extend(h, inputs, slots, mine)
             caches = tuple(write_back(c, n, r) for c, n in zip(caches, new))
             return (h, caches), None
 
