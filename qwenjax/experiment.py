@@ -156,6 +156,7 @@ class LoRAConfig:
     alpha: float = 16.0  # the update is (alpha / rank) * A @ B, as PEFT's lora_alpha
     dropout: float = 0.0  # adapters are folded into the weights: only 0 is supported
     targets: list[str] = field(default_factory=lambda: ["q", "k", "v", "o"])
+    init: str = ""  # a PEFT adapter directory to start from (its rank/alpha/targets must match)
 
     def __post_init__(self):
         if self.rank < 0:

@@ -21,7 +21,17 @@ from qwenjax.train.lora import add_adapters, merge_adapters, split_trainable
 
 def lora_model(model, exp: ExperimentConfig, mesh=None, rules=None):
     """(graphdef, adapters, (base,)): `model` with `exp.lora` adapters, split for training."""
-    add_adapters(model, exp.lora, exp.seed)
+    if exp.lora.init:
+        from qwenjax.hf.peft import load_peft_adapter
+
+        read = load_peft_adapter(model, exp.lora.init, exp.seed)
+        if (read.rank, read.alpha, read.hf_modules()) != (
+                exp.lora.rank, exp.lora.alpha, exp.lora.hf_modules()):
+            raise ConfigError(
+                f"lora.init {exp.lora.init}: its rank {read.rank}, alpha {read.alpha}, targets "
+                f"{sorted(read.hf_modules())} differ from the experiment's lora section")
+    else:
+        add_adapters(model, exp.lora, exp.seed)
     graphdef, adapters, base = split_trainable(model, mesh, rules)
     return graphdef, adapters, (base,)
 
