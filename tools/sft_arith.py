@@ -5,7 +5,8 @@
 
 Each example is a chat: a system prompt, a user asking for the sum of two 2-digit numbers (in
 one of several phrasings), the assistant answering with the number alone. A held-out example
-counts as exact when the greedy reply, up to `<|im_end|>`, is the right number. Train and held-out
+counts as exact when the greedy reply, up to `<|im_end|>`, is the right number (the prompt ends
+with the empty think block of Qwen3's non-thinking mode, as the training turns have it). Train and held-out
 pairs are disjoint.
 """
 
@@ -51,8 +52,10 @@ def exact_match(hf_dir: str, heldout: str, adapter: str | None = None, batch: in
     right = 0
     for i in range(0, len(records), batch):
         chunk = records[i:i + batch]
-        prompts = [tok.encode(render_chat(tok, r["messages"][:-1], add_generation_prompt=True))
-                   for r in chunk]
+        # Qwen3's template gives the last assistant turn an empty think block; asking for no
+        # thinking puts that block in the prompt, as the model saw it in training.
+        prompts = [tok.encode(render_chat(tok, r["messages"][:-1], add_generation_prompt=True,
+                                          enable_thinking=False)) for r in chunk]
         outs = generate(model, prompts, max_new_tokens=6, temperature=0.0,
                         stop_tokens=[end, tok.eos_id])
         for r, out in zip(chunk, outs):
