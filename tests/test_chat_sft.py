@@ -152,3 +152,16 @@ def test_malformed_line_names_file_and_line(tmp_path, capsys):
     assert code == 2
     assert err[-1].startswith("qwenjax: error: ") and f"{path}:2: not valid JSON" in err[-1]
     assert not run.exists()
+
+
+@pytest.mark.parametrize("kind", ["qwen3", "qwen3.5"])
+def test_transformers_renders_our_templates_the_same(tmp_path, kind):
+    transformers = pytest.importorskip("transformers")
+    tok = qwen_tokenizer(kind)
+    tok.save(tmp_path)
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    for add in (False, True):
+        msgs = CHAT["messages"] if not add else CHAT["messages"][:-1]
+        theirs = hf.apply_chat_template(msgs, tools=CHAT["tools"], tokenize=False,
+                                        add_generation_prompt=add)
+        assert theirs == render_chat(tok, msgs, CHAT["tools"], add_generation_prompt=add)
