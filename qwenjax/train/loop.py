@@ -328,6 +328,7 @@ def _run(exp, run_dir, cfg, mesh, rules, tokenizer, primary, overwrite_export) -
     params = state.params
     if jax.process_count() > 1:  # every process needs every tensor addressable to write it
         params = jax.jit(lambda p: p, out_shardings=replicated)(params)
+        frozen = tuple(jax.jit(lambda p: p, out_shardings=replicated)(f) for f in frozen)
     model = nnx.merge(graphdef, params, *frozen)
     if exp.lora.rank and primary:
         summary.update(export_lora_run(model, exp, run_dir, tokenizer, overwrite_export))
