@@ -16,8 +16,10 @@ import pytest
 from flax import nnx
 
 from qwenjax.experiment import experiment_from_dict
+from qwenjax.model.lora import LoRAParam
 from qwenjax.model.partition import init_sharded
 from qwenjax.sharding import activate, make_mesh
+from qwenjax.train.lora import merge_adapters
 from qwenjax.train.loss import batch_from_tokens, loss_fn
 from qwenjax.train.optimizer import make_optimizer
 from qwenjax.train.sft_run import lora_model
@@ -152,3 +154,21 @@ def test_lora_sft_run_from_the_command_line(tmp_path):
     r = subprocess.run(cli + ["export-hf", str(tmp_path / "nothing"), str(tmp_path / "m"),
                               "--merge"], capture_output=True, text=True, env=env, check=False)
     assert r.returncode == 2 and "not a training run directory" in r.stderr.splitlines()[-1]
+
+
+def test_merging_expert_and_gdn_adapters_keeps_the_logits():
+    exp = _exp()
+    graphdef, params = init_sharded(exp.model_config(), None, None, 0)
+    graphdef, adapters, (base,) = lora_model(nnx.merge(graphdef, params), exp)
+    leaves, tree = jax.tree.flatten(adapters)
+    keys = jax.random.split(jax.random.key(5), len(leaves))
+    adapters = jax.tree.unflatten(tree, [x + 0.1 * jax.random.normal(k, x.shape)
+                                         for k, x in zip(keys, leaves)])
+    model = nnx.merge(graphdef, adapters, base)
+    ids = jnp.asarray(np.random.RandomState(0).randint(0, 512, (2, 16)))
+    adapted = np.asarray(model(ids))
+    assert np.abs(adapted - np.asarray(nnx.merge(graphdef, jax.tree.map(jnp.zeros_like, adapters),
+                                                 base)(ids))).max() > 1e-2
+    merge_adapters(model)
+    assert not any(isinstance(v, LoRAParam) for _, v in nnx.iter_graph(model))
+    np.testing.assert_allclose(np.asarray(model(ids)), adapted, atol=1e-5, rtol=0)
