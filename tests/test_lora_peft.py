@@ -94,3 +94,41 @@ def test_peft_loads_our_adapter_and_merge_matches(tmp_path, family, over, target
     mine, back = split_trainable(model)[1], split_trainable(again)[1]
     assert jax.tree.structure(mine) == jax.tree.structure(back)
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(mine), jax.tree.leaves(back)))
+
+
+def test_peft_adapter_continues_training_and_generates(tmp_path, capsys):
+    """lora.init loads a PEFT directory as the run's starting adapters (a mismatch is one
+    error line); `generate --adapter` applies one to a Hugging Face model."""
+    from qwenjax.cli import main
+    from qwenjax.data.tokenizer import train_bpe
+    from qwenjax.errors import ConfigError
+    from qwenjax.experiment import experiment_from_dict
+    from qwenjax.infer.generate import generate
+    from qwenjax.train.sft_run import lora_model
+
+    hf = hf_models.build("qwen3", {"head_dim": 16, "vocab_size": 320, "num_hidden_layers": 2})
+    base_dir = hf_models.save(hf, tmp_path / "base")
+    tok = train_bpe(["def f(x): return x + 1\n"] * 20, 300)
+    tok.save(base_dir)
+    lora = LoRAConfig(rank=4, alpha=8.0, targets=["q", "v"])
+    model = qwenjax.from_pretrained(base_dir)
+    add_adapters(model, lora)
+    model = _randomise(model, seed=2)
+    save_peft_adapter(model, tmp_path / "adapter", lora)
+
+    spec = {"rank": 4, "alpha": 8.0, "targets": ["q", "v"], "init": str(tmp_path / "adapter")}
+    exp = experiment_from_dict({"lora": spec}, quiet=True)
+    _, adapters, _ = lora_model(qwenjax.from_pretrained(base_dir), exp)
+    mine = split_trainable(model)[1]
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(mine),
+                                                     jax.tree.leaves(adapters)))
+    wrong = experiment_from_dict({"lora": dict(spec, rank=8)}, quiet=True)
+    with pytest.raises(ConfigError, match="rank 4, alpha 8.0"):
+        lora_model(qwenjax.from_pretrained(base_dir), wrong)
+
+    ids = tok.encode("def f(")
+    want = tok.decode(generate(model, [ids], max_new_tokens=6, temperature=0.0,
+                               stop_tokens=[tok.eos_id])[0])
+    code = main(["generate", "--hf", base_dir, "--adapter", str(tmp_path / "adapter"),
+                 "--prompt", "def f(", "--max-new-tokens", "6"])
+    assert code == 0 and capsys.readouterr().out.rstrip("\n") == want
