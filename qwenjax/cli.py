@@ -158,6 +158,18 @@ def cmd_generate(args) -> None:
         ids = tokenizer.encode(args.prompt)
     if not ids:
         raise GenerationError(f"--prompt {args.prompt!r} encodes to no tokens")
+    if args.speculative:  # drafts verified in rounds: the text comes at the end
+        from qwenjax.infer.generate import generate_speculative
+
+        (new,), stats = generate_speculative(
+            model, [ids], depth=args.speculative, max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+            stop_tokens=default_stop_tokens(model, tokenizer), seed=args.seed, mesh=mesh)
+        print(tokenizer.decode(new), flush=True)
+        print(f"speculative: {stats['rounds']} main-model passes, "
+              f"{stats['tokens_per_pass']:.2f} tokens per pass, "
+              f"{100 * stats['acceptance']:.0f}% of drafts accepted", file=sys.stderr)
+        return
     stream = generate_stream(
         model, ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
         top_k=args.top_k, top_p=args.top_p, stop_tokens=default_stop_tokens(model, tokenizer),
@@ -242,6 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mesh", help="e.g. context=8 (long prompts) or fsdp=2,expert=4")
     p.add_argument("--dtype", default="float32", help="compute dtype (runtime.dtype)")
+    p.add_argument("--speculative", type=int, default=0, metavar="D",
+                   help="self-speculative decoding: the model's MTP module drafts D tokens per "
+                        "main-model pass (Qwen3-Next / Qwen3.5 checkpoints); 0 = off")
     p.add_argument("--adapter", help="PEFT LoRA adapter directory to apply to the model")
     p.set_defaults(func=cmd_generate)
 

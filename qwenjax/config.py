@@ -121,6 +121,9 @@ class ModelConfig:
     linear_conv_kernel_dim: int = 4
     attention_output_gate: bool = False  # q_proj also yields a per-head sigmoid gate on the output
     norm_zero_centered: bool = False  # RMSNorm scales by (1 + w), computed in fp32
+    # Multi-token prediction (Qwen3-Next / Qwen3.5 `mtp_num_hidden_layers`): decoder layers of
+    # the MTP module (model/mtp.py); 0 = none.
+    mtp_layers: int = 0
     # JSON of HF config keys we carry but do not use (token ids, stored dtype, ...).
     hf_extra: str = "{}"
     # How it runs (dtypes, remat, kernels: qwenjax/runtime.py), not what it is: never saved or
@@ -163,6 +166,8 @@ class ModelConfig:
                 raise ConfigError("linear attention layers need linear_* head counts and dims > 0")
             if self.linear_num_value_heads % self.linear_num_key_heads:
                 raise ConfigError("linear_num_value_heads must be a multiple of linear_num_key_heads")
+        if self.mtp_layers < 0:
+            raise ConfigError(f"mtp_layers must be >= 0, got {self.mtp_layers}")
         if "dense" in self.mlp_types and self.intermediate_size <= 0:
             raise ConfigError("intermediate_size must be > 0 when some layer has a dense MLP")
 
@@ -192,6 +197,12 @@ class ModelConfig:
     def layer_kinds(self) -> tuple[tuple[str, str], ...]:
         """Per layer: (attention type, mlp type). Layers of one kind share a parameter structure."""
         return tuple(zip(self.attention_types, self.mlp_types))
+
+    @property
+    def mtp_kind(self) -> tuple[str, str]:
+        """The MTP module's decoder layers: full attention, with the family's MLP (MoE when the
+        model has experts, as vLLM's Qwen3-Next / Qwen3.5 MTP builds them)."""
+        return ("full_attention", "moe" if self.num_experts > 0 else "dense")
 
     @property
     def rotary_dim(self) -> int:
@@ -324,7 +335,7 @@ _HF_INTS = (
     "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
     "head_dim", "intermediate_size", "max_position_embeddings", "num_experts", "num_local_experts",
     "num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size",
-    "decoder_sparse_step", "full_attention_interval", *_LINEAR_KEYS,
+    "decoder_sparse_step", "full_attention_interval", "mtp_num_hidden_layers", *_LINEAR_KEYS,
 )
 _HF_FLOATS = ("rms_norm_eps", "rope_theta", "router_aux_loss_coef")
 
@@ -337,7 +348,7 @@ _CONSUMED = {
     "moe_intermediate_size", "shared_expert_intermediate_size", "norm_topk_prob",
     "decoder_sparse_step", "mlp_only_layers", "router_aux_loss_coef", "architectures",
     "transformers_version", "layer_types", "hidden_act", "use_sliding_window", "sliding_window",
-    "max_window_layers", "full_attention_interval", *_LINEAR_KEYS,
+    "max_window_layers", "full_attention_interval", "mtp_num_hidden_layers", *_LINEAR_KEYS,
 }
 
 
@@ -437,6 +448,7 @@ def _from_hf(hf: dict[str, Any]) -> ModelConfig:
         decoder_sparse_step=hf.get("decoder_sparse_step", 1) or 1,
         mlp_only_layers=tuple(hf.get("mlp_only_layers") or ()),
         router_aux_loss_coef=hf.get("router_aux_loss_coef", 0.001),
+        mtp_layers=hf.get("mtp_num_hidden_layers") or 0,
         hf_extra=json.dumps(extra, sort_keys=True),
     )
 
@@ -492,6 +504,8 @@ def _to_hf(cfg: ModelConfig) -> dict[str, Any]:
     )
     if fam.get("hybrid"):
         out.update({k: getattr(cfg, k) for k in _LINEAR_KEYS})
+    if cfg.mtp_layers:
+        out["mtp_num_hidden_layers"] = cfg.mtp_layers
     for name in ("qkv_bias", "o_bias"):
         spec = fam[name]
         if isinstance(spec, str):

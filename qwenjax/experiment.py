@@ -174,6 +174,22 @@ class LoRAConfig:
         return {LORA_TARGETS.get(t, t) for t in self.targets}
 
 
+@dataclass(frozen=True, kw_only=True)
+class MTPConfig:
+    """Multi-token prediction in training (model/mtp.py): the loss adds `weight` times the mean
+    over depths 1..`depth` of each depth's cross-entropy. The model needs MTP layers
+    (`mtp_layers` in its config; Qwen3-Next / Qwen3.5 checkpoints ship one)."""
+
+    depth: int = 0  # 0 = off
+    weight: float = 0.3  # DeepSeek-V3's lambda for the first 10T tokens
+
+    def __post_init__(self):
+        if not isinstance(self.depth, int) or self.depth < 0:
+            raise ConfigError(f"mtp.depth must be an integer >= 0 (0 = off), got {self.depth!r}")
+        if self.weight < 0:
+            raise ConfigError(f"mtp.weight must be >= 0, got {self.weight}")
+
+
 EVAL_TASKS = ("passkey", "niah_single", "niah_multikey", "variable_tracking", "common_words",
               "perplexity")  # qwenjax.evals runs them; see qwenjax/evals/__init__.py
 
@@ -220,6 +236,7 @@ class ExperimentConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+    mtp: MTPConfig = field(default_factory=MTPConfig)
     steps: int = 300
     batch_size: int = 16  # global batch (rows) per optimizer step
     grad_accum: int = 1  # micro-batches per step: each is batch_size / grad_accum rows
@@ -251,6 +268,9 @@ class ExperimentConfig:
             raise ConfigError(
                 f"batch_size {self.batch_size} is not divisible by grad_accum {self.grad_accum}"
             )
+        if self.mtp.depth and self.data.source == "sft":
+            raise ConfigError("mtp.depth > 0 is not supported with data.source=sft (SFT rows "
+                              "carry no look-ahead tokens); set mtp.depth=0")
         micro = self.batch_size // self.grad_accum
         if micro % self.mesh.batch_ways:
             raise ConfigError(
@@ -272,7 +292,13 @@ class ExperimentConfig:
         if self.model_overrides:
             cfg = ModelConfig.from_dict({**cfg.to_dict(), **self.model_overrides},
                                         source="model_overrides")
-        return cfg.replace(runtime=self.runtime)
+        cfg = cfg.replace(runtime=self.runtime)
+        if self.mtp.depth and not cfg.mtp_layers:
+            raise ConfigError(
+                f"mtp.depth is {self.mtp.depth} but the model has no MTP layers; set "
+                "model_overrides.mtp_layers (Qwen3-Next / Qwen3.5 checkpoints have 1)"
+            )
+        return cfg
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -10,6 +10,7 @@ import torch
 import transformers
 
 import qwenjax
+from qwenjax.hf.names import tensor_table
 from qwenjax.hf.safetensors_io import index_checkpoint, read_tensor
 
 ROUND_TRIP = [hf_models.all_cases()[i] for i in (0, 4, 6, 9, 12, 16, 20)]  # one per family
@@ -112,9 +113,13 @@ def test_multimodal_hub_layout_with_fused_experts_and_carried_tensors(tmp_path):
         tensors[q + "down_proj"] = np.stack([get(e, "down_proj") for e in range(E)])
     rng = np.random.default_rng(0)
     tensors["model.visual.patch_embed.proj.weight"] = rng.standard_normal((8, 3, 2, 2)).astype(ml_dtypes.bfloat16)
-    tensors["mtp.fc.weight"] = rng.standard_normal((64, 128)).astype(np.float32)
     text_config = json.loads((tmp_path / "flat" / "config.json").read_text())
     text_config["mtp_num_hidden_layers"] = 1
+    # A whole MTP module (fused experts, as the Hub checkpoint stores them): parameters now.
+    mtp_cfg = qwenjax.ModelConfig.from_hf_config(text_config)
+    for t in tensor_table(mtp_cfg, fused_experts=True):
+        if t.hf_name.startswith("mtp."):
+            tensors[t.hf_name] = 0.02 * rng.standard_normal(t.hf_shape).astype(np.float32)
     wrapper = {"model_type": "qwen3_5_moe", "architectures": ["Qwen3_5MoeForConditionalGeneration"],
                "text_config": text_config, "vision_config": {"depth": 1, "hidden_size": 8},
                "image_token_id": 248056, "tie_word_embeddings": False}
@@ -144,5 +149,6 @@ def test_multimodal_hub_layout_with_fused_experts_and_carried_tensors(tmp_path):
     restored = load_params(tmp_path / "ckpt")
     out2 = qwenjax.save_pretrained(restored, tmp_path / "out2")
     c = index_checkpoint(out2)
-    for n in ("model.visual.patch_embed.proj.weight", "mtp.fc.weight"):
+    for n in ("model.visual.patch_embed.proj.weight", "mtp.fc.weight",
+              "mtp.layers.0.mlp.experts.gate_up_proj"):
         assert read_tensor(c[n]).tobytes() == read_tensor(a[n]).tobytes()

@@ -93,6 +93,7 @@ class PackedDataset:
         seed: int = 0,
         lanes: int = 1,
         cache_tokens: int = 1 << 26,
+        lookahead: int = 0,
     ):
         if len(docs) == 0:
             raise ConfigError("data: the corpus has no documents")
@@ -112,6 +113,7 @@ class PackedDataset:
         self.seq_len = seq_len
         self.seed = seed
         self.lanes = lanes
+        self.lookahead = lookahead  # extra tokens after a row's last target (see `row`)
         self.shard_index, self.shard_count = 0, 1
         self._cache_tokens = cache_tokens
         self._cache: collections.OrderedDict[int, np.ndarray] = collections.OrderedDict()
@@ -215,6 +217,11 @@ class PackedDataset:
         out["targets"][:-1] = out["input_ids"][1:]
         out["targets"][-1] = self.lane_tokens(lane, end)[end[2]]
         out["loss_mask"] = (out["segment_ids"] > 0).astype(np.float32)
+        if self.lookahead:  # the row's window, its last target and `lookahead` more tokens
+            n = length + 1 + self.lookahead
+            window = {k: np.empty(n, np.int32) for k in ("input_ids", "positions", "segment_ids")}
+            self.take(lane, cursor, n, window)
+            out["window_ids"], out["window_segments"] = window["input_ids"], window["segment_ids"]
         return out, end
 
 

@@ -68,7 +68,7 @@ def check_tensors(
 ) -> list[TensorInfo]:
     """Raise ConversionError naming every missing, unexpected or mis-shaped tensor.
 
-    Returns the tensors to carry through unchanged (`mtp.*`, `model.visual.*`). A redundant tied
+    Returns the tensors to carry through unchanged (`model.visual.*`). A redundant tied
     `lm_head.weight` is ignored.
     """
     expected = {t.hf_name: t for t in table}

@@ -123,12 +123,9 @@ def model_prefix(cfg: ModelConfig) -> str:
 
 
 def passthrough_prefixes(cfg: ModelConfig) -> tuple[str, ...]:
-    """Tensors we carry through unchanged: multi-token-prediction heads, the vision tower."""
-    extra = cfg.extra
-    prefixes = ["mtp."] if extra.get("mtp_num_hidden_layers") else []
-    if WRAPPER_KEY in extra:
-        prefixes.append("model.visual.")
-    return tuple(prefixes)
+    """Tensors we carry through unchanged: the vision tower. (Multi-token-prediction `mtp.*`
+    tensors are parameters: model/mtp.py.)"""
+    return ("model.visual.",) if WRAPPER_KEY in cfg.extra else ()
 
 
 def tensor_table(cfg: ModelConfig, *, fused_experts: bool = False) -> list[TensorMap]:
@@ -137,56 +134,84 @@ def tensor_table(cfg: ModelConfig, *, fused_experts: bool = False) -> list[Tenso
     prefix = model_prefix(cfg)
     table = [_simple(prefix + "embed_tokens.weight", ("embed",), (), _identity((V, D)))]
     plan = stack_plan(cfg.layer_kinds)
-    for i, (attn_type, mlp_type) in enumerate(cfg.layer_kinds):
+    for i, kind in enumerate(cfg.layer_kinds):
         s, r, j = layer_location(plan, i)
         base = ("stacks", s, "block", "layers", j)
-        hf = f"{prefix}layers.{i}."
-        rows = _norm_entries(cfg)
-        if attn_type == "full_attention":
-            rows += _attention_entries(cfg)
-            table += _q_proj_entries(cfg, hf, base, r)
-        else:
-            table += _linear_attention_entries(cfg, hf, base, r)
-        if mlp_type == "dense":
-            rows += _dense_mlp_entries(cfg, "mlp", "mlp", cfg.intermediate_size)
-        else:
-            E = cfg.num_experts
-            rows.append(("mlp.gate.weight", "mlp.router_kernel", _linear((E, D))))
-            if cfg.shared_expert_intermediate_size:
-                rows += _dense_mlp_entries(
-                    cfg, "mlp.shared_expert", "mlp.shared", cfg.shared_expert_intermediate_size
-                )
-                rows.append(("mlp.shared_expert_gate.weight", "mlp.shared_gate_kernel", _linear((1, D))))
-        table += [_simple(hf + name, base + _split(ours), (r,), lay) for name, ours, lay in rows]
-        if mlp_type == "moe":
-            table += _expert_entries(cfg, hf, base, r, fused_experts)
+        table += _layer_entries(cfg, kind, f"{prefix}layers.{i}.", base, (r,), fused_experts)
     table.append(_simple(prefix + "norm.weight", ("final_norm", "weight"), (), _identity((D,))))
     if not cfg.tie_word_embeddings:
         table.append(_simple("lm_head.weight", ("lm_head",), (), _linear((V, D))))
+    if cfg.mtp_layers:
+        table += _mtp_entries(cfg, fused_experts)
     return table
 
 
-def _q_proj_entries(cfg: ModelConfig, hf: str, base: Path, r: int) -> list[TensorMap]:
+def _layer_entries(cfg: ModelConfig, kind, hf: str, base: Path, index: tuple,
+                   fused_experts: bool) -> list[TensorMap]:
+    """One decoder layer's tensors (HF names under `hf`, ours under `base`; `index` (r,) into a
+    stacked layer, () for an unstacked one)."""
+    attn_type, mlp_type = kind
+    D = cfg.hidden_size
+    rows, table = _norm_entries(cfg), []
+    if attn_type == "full_attention":
+        rows += _attention_entries(cfg)
+        table += _q_proj_entries(cfg, hf, base, index)
+    else:
+        table += _linear_attention_entries(cfg, hf, base, index)
+    if mlp_type == "dense":
+        rows += _dense_mlp_entries(cfg, "mlp", "mlp", cfg.intermediate_size)
+    else:
+        E = cfg.num_experts
+        rows.append(("mlp.gate.weight", "mlp.router_kernel", _linear((E, D))))
+        if cfg.shared_expert_intermediate_size:
+            rows += _dense_mlp_entries(
+                cfg, "mlp.shared_expert", "mlp.shared", cfg.shared_expert_intermediate_size
+            )
+            rows.append(("mlp.shared_expert_gate.weight", "mlp.shared_gate_kernel", _linear((1, D))))
+    table += [_simple(hf + name, base + _split(ours), index, lay) for name, ours, lay in rows]
+    if mlp_type == "moe":
+        table += _expert_entries(cfg, hf, base, index, fused_experts)
+    return table
+
+
+def _mtp_entries(cfg: ModelConfig, fused_experts: bool) -> list[TensorMap]:
+    """The multi-token-prediction module (model/mtp.py), under `mtp.` at the top level (also in
+    Qwen3.5's multimodal layout). fc: HF [D, 2D] over [embedding ; hidden] <-> ours [2, D, D]."""
+    D = cfg.hidden_size
+    fc = ((D, 2 * D), lambda a: a.T.reshape(2, D, D), lambda a: a.reshape(2 * D, D).T)
+    table = [
+        _simple("mtp.fc.weight", ("mtp", "fc_kernel"), (), fc),
+        _simple("mtp.pre_fc_norm_embedding.weight", ("mtp", "embed_norm", "weight"), (), _identity((D,))),
+        _simple("mtp.pre_fc_norm_hidden.weight", ("mtp", "hidden_norm", "weight"), (), _identity((D,))),
+    ]
+    for i in range(cfg.mtp_layers):
+        table += _layer_entries(cfg, cfg.mtp_kind, f"mtp.layers.{i}.", ("mtp", "layers", i), (),
+                                fused_experts)
+    table.append(_simple("mtp.norm.weight", ("mtp", "norm", "weight"), (), _identity((D,))))
+    return table
+
+
+def _q_proj_entries(cfg: ModelConfig, hf: str, base: Path, r: tuple) -> list[TensorMap]:
     """q_proj weight (and bias). With an output gate, HF's rows are per head: Dh query rows then
     Dh gate rows; ours are two parameters."""
     D, H, Dh = cfg.hidden_size, cfg.num_heads, cfg.head_dim
     name, attn = hf + "self_attn.q_proj.", lambda p: base + ("attn", p)
     if not cfg.attention_output_gate:
-        out = [_simple(name + "weight", attn("q_kernel"), (r,), _linear_out_heads(H, Dh, D))]
+        out = [_simple(name + "weight", attn("q_kernel"), r, _linear_out_heads(H, Dh, D))]
         if cfg.qkv_bias:
-            out.append(_simple(name + "bias", attn("q_bias"), (r,), _reshape((H * Dh,), (H, Dh))))
+            out.append(_simple(name + "bias", attn("q_bias"), r, _reshape((H * Dh,), (H, Dh))))
         return out
     out = [TensorMap(
         name + "weight", (H * 2 * Dh, D),
-        (Target(attn("q_kernel"), (r,), lambda a: a.T.reshape(D, H, 2, Dh)[:, :, 0]),
-         Target(attn("gate_kernel"), (r,), lambda a: a.T.reshape(D, H, 2, Dh)[:, :, 1])),
+        (Target(attn("q_kernel"), r, lambda a: a.T.reshape(D, H, 2, Dh)[:, :, 0]),
+         Target(attn("gate_kernel"), r, lambda a: a.T.reshape(D, H, 2, Dh)[:, :, 1])),
         lambda qk, gk: np.stack([qk, gk], axis=2).reshape(D, H * 2 * Dh).T,
     )]
     if cfg.qkv_bias:
         out.append(TensorMap(
             name + "bias", (H * 2 * Dh,),
-            (Target(attn("q_bias"), (r,), lambda a: a.reshape(H, 2, Dh)[:, 0]),
-             Target(attn("gate_bias"), (r,), lambda a: a.reshape(H, 2, Dh)[:, 1])),
+            (Target(attn("q_bias"), r, lambda a: a.reshape(H, 2, Dh)[:, 0]),
+             Target(attn("gate_bias"), r, lambda a: a.reshape(H, 2, Dh)[:, 1])),
             lambda qb, gb: np.stack([qb, gb], axis=1).reshape(H * 2 * Dh),
         ))
     return out
@@ -196,19 +221,19 @@ def _q_proj_entries(cfg: ModelConfig, hf: str, base: Path, r: int) -> list[Tenso
 GROUPED_GDN_PROJECTIONS = {"qwen3_next"}
 
 
-def _linear_attention_entries(cfg: ModelConfig, hf: str, base: Path, r: int) -> list[TensorMap]:
+def _linear_attention_entries(cfg: ModelConfig, hf: str, base: Path, r: tuple) -> list[TensorMap]:
     D, Hk, Hv = cfg.hidden_size, cfg.linear_num_key_heads, cfg.linear_num_value_heads
     Dk, Dv, K = cfg.linear_key_head_dim, cfg.linear_value_head_dim, cfg.linear_conv_kernel_dim
     rep = Hv // Hk
     p = hf + "linear_attn."
     ours = lambda name: base + ("attn", name)
-    t = lambda name, fn: Target(ours(name), (r,), fn)
+    t = lambda name, fn: Target(ours(name), r, fn)
     qk, vd = Hk * Dk, Hv * Dv
     out = [
-        _simple(p + "A_log", ours("A_log"), (r,), _identity((Hv,))),
-        _simple(p + "dt_bias", ours("dt_bias"), (r,), _identity((Hv,))),
-        _simple(p + "norm.weight", ours("norm"), (r,), _identity((Dv,))),
-        _simple(p + "out_proj.weight", ours("out_kernel"), (r,), _linear_in_heads(Hv, Dv, D)),
+        _simple(p + "A_log", ours("A_log"), r, _identity((Hv,))),
+        _simple(p + "dt_bias", ours("dt_bias"), r, _identity((Hv,))),
+        _simple(p + "norm.weight", ours("norm"), r, _identity((Dv,))),
+        _simple(p + "out_proj.weight", ours("out_kernel"), r, _linear_in_heads(Hv, Dv, D)),
         # conv1d.weight [C, 1, K], channels q | k | v -> three [K, heads, dim] parameters.
         TensorMap(
             p + "conv1d.weight", (2 * qk + vd, 1, K),
@@ -258,14 +283,14 @@ def _linear_attention_entries(cfg: ModelConfig, hf: str, base: Path, r: int) -> 
                 lambda q, k, v: np.concatenate(
                     [q.reshape(D, qk), k.reshape(D, qk), v.reshape(D, vd)], axis=1).T,
             ),
-            _simple(p + "in_proj_z.weight", ours("z_kernel"), (r,), _linear_out_heads(Hv, Dv, D)),
-            _simple(p + "in_proj_b.weight", ours("b_kernel"), (r,), _linear((Hv, D))),
-            _simple(p + "in_proj_a.weight", ours("a_kernel"), (r,), _linear((Hv, D))),
+            _simple(p + "in_proj_z.weight", ours("z_kernel"), r, _linear_out_heads(Hv, Dv, D)),
+            _simple(p + "in_proj_b.weight", ours("b_kernel"), r, _linear((Hv, D))),
+            _simple(p + "in_proj_a.weight", ours("a_kernel"), r, _linear((Hv, D))),
         ]
     return out
 
 
-def _expert_entries(cfg: ModelConfig, hf: str, base: Path, r: int, fused: bool) -> list[TensorMap]:
+def _expert_entries(cfg: ModelConfig, hf: str, base: Path, r: tuple, fused: bool) -> list[TensorMap]:
     D, E, F = cfg.hidden_size, cfg.num_experts, cfg.moe_intermediate_size
     gate, up, down = (base + ("mlp", n) for n in ("gate_kernel", "up_kernel", "down_kernel"))
     if fused:
@@ -273,18 +298,18 @@ def _expert_entries(cfg: ModelConfig, hf: str, base: Path, r: int, fused: bool) 
         return [
             TensorMap(
                 hf + "mlp.experts.gate_up_proj", (E, 2 * F, D),
-                (Target(gate, (r,), lambda a: swap(a[:, :F])), Target(up, (r,), lambda a: swap(a[:, F:]))),
+                (Target(gate, r, lambda a: swap(a[:, :F])), Target(up, r, lambda a: swap(a[:, F:]))),
                 lambda g, u: np.concatenate([swap(g), swap(u)], axis=1),
             ),
-            _simple(hf + "mlp.experts.down_proj", down, (r,), ((E, D, F), swap, swap)),
+            _simple(hf + "mlp.experts.down_proj", down, r, ((E, D, F), swap, swap)),
         ]
     out = []
     for e in range(E):
         p = f"{hf}mlp.experts.{e}."
         out += [
-            _simple(p + "gate_proj.weight", gate, (r, e), _linear((F, D))),
-            _simple(p + "up_proj.weight", up, (r, e), _linear((F, D))),
-            _simple(p + "down_proj.weight", down, (r, e), _linear((D, F))),
+            _simple(p + "gate_proj.weight", gate, (*r, e), _linear((F, D))),
+            _simple(p + "up_proj.weight", up, (*r, e), _linear((F, D))),
+            _simple(p + "down_proj.weight", down, (*r, e), _linear((D, F))),
         ]
     return out
 

@@ -55,8 +55,14 @@ def generate(
     seed: int = 0,
     prefill_chunk: int = 512,
     mesh: jax.sharding.Mesh | None = None,
+    speculative: int = 0,
 ) -> list[list[int]]:
     """prompts (lists of token ids) -> the new tokens of each, up to a stop token (excluded).
+
+    speculative = D > 0: self-speculative decoding, the model's MTP module drafting D tokens
+    per main-model pass (`infer/speculative.py`): greedy output identical to plain greedy,
+    sampled output distributed as plain sampling's. `generate_speculative` also reports the
+    acceptance.
 
     temperature 0 is greedy; otherwise logits / temperature, filtered by top_k (0: off) and
     top_p (1: off), are sampled with `seed`. `stop_tokens` is one list for every row or one list
@@ -69,6 +75,11 @@ def generate(
     check_prompts(prompts, model.config.vocab_size, max_new_tokens)
     if max_new_tokens == 0:
         return [[] for _ in prompts]
+    if speculative:
+        return generate_speculative(
+            model, prompts, depth=speculative, max_new_tokens=max_new_tokens,
+            temperature=temperature, top_k=top_k, top_p=top_p, stop_tokens=stop_tokens, seed=seed,
+            prefill_chunk=prefill_chunk, mesh=mesh)[0]
     stops = _stop_array(stop_tokens, len(prompts))
     with activate(mesh) if mesh is not None else contextlib.nullcontext():
         graphdef, params, key, segs, first, cache = _start(
@@ -90,6 +101,53 @@ def generate(
         _cut(row, {s for s in row_stops if s >= 0})
         for row, row_stops in zip(np.asarray(out).tolist(), np.asarray(stops).tolist())
     ]
+
+
+def generate_speculative(
+    model: CausalLM,
+    prompts: Sequence[Sequence[int]],
+    *,
+    depth: int,
+    max_new_tokens: int = 32,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    stop_tokens: Sequence[int] | Sequence[Sequence[int]] = (),
+    seed: int = 0,
+    prefill_chunk: int = 512,
+    mesh: jax.sharding.Mesh | None = None,
+) -> tuple[list[list[int]], dict]:
+    """`generate(..., speculative=depth)` -> (new tokens per prompt, {"rounds": main-model
+    passes after the prefill, "tokens_per_pass": tokens emitted per pass (1 = no gain),
+    "acceptance": mean fraction of drafts accepted})."""
+    from qwenjax.infer.speculative import check_speculative, speculative_decode
+
+    depth = check_speculative(model, depth)
+    sampling = Sampling(temperature, top_k, top_p).check()
+    check_prompts(prompts, model.config.vocab_size, max_new_tokens)
+    if max_new_tokens == 0:
+        return [[] for _ in prompts], {"rounds": 0, "tokens_per_pass": 0.0, "acceptance": 0.0}
+    stops = _stop_array(stop_tokens, len(prompts))
+    with activate(mesh) if mesh is not None else contextlib.nullcontext():
+        multiple = context_multiple()
+        ids, positions, segs, chunk = _layout(prompts, prefill_chunk, multiple)
+        # Verify passes write D + 1 slots past the last kept one; drafts D - 1 more (MTP cache).
+        need = ids.shape[1] + max_new_tokens + 2 * depth + 2
+        slots = -(-need // multiple) * multiple
+        graphdef, params = nnx.split(model)
+        out, rounds, emitted = speculative_decode(
+            graphdef, params, ids, positions, segs, stops, jax.random.key(seed),
+            sampling.arrays(), depth=depth, steps=max_new_tokens, slots=slots, chunk=chunk,
+            greedy=sampling.greedy)
+    rounds, emitted = int(rounds), int(emitted)
+    per_pass = (emitted - 1) / max(rounds, 1)
+    stats = {"rounds": rounds, "tokens_per_pass": per_pass,
+             "acceptance": (per_pass - 1) / depth if rounds else 0.0}
+    tokens = [
+        _cut(row, {s for s in row_stops if s >= 0})
+        for row, row_stops in zip(np.asarray(out).tolist(), np.asarray(stops).tolist())
+    ]
+    return tokens, stats
 
 
 def generate_stream(

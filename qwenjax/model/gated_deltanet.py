@@ -108,7 +108,8 @@ class GatedDeltaNet(nnx.Module):
         o, _ = self._mix(q, k, v, g, beta, segment_ids)
         return self._output(o, z)
 
-    def extend(self, x, segment_ids, valid, cache: RecurrentState, *, fresh: bool = False):
+    def extend(self, x, segment_ids, valid, cache: RecurrentState, *, fresh: bool = False,
+               history: bool = False):
         """As `__call__` for T new tokens continuing the sequence held in `cache` (one document
         per row; padding, being zeroed, leaves a zero state zero). Returns (out, new cache).
 
@@ -116,8 +117,13 @@ class GatedDeltaNet(nnx.Module):
         token layout (with `context` > 1, split over it): the full-sequence path runs
         (sequence-parallel conv and delta rule) and the new cache keeps its final state and the
         last K-1 pre-conv inputs in global order.
+
+        history: also return the cache after each of the T tokens (a RecurrentState whose arrays
+        have a T axis after B), for speculative decoding to keep the state at the last accepted
+        draft. The tokens then run one delta-rule step at a time, as decoding does.
         """
         q, k, v, z, beta, g = self._project(x, valid)
+        q_pre, k_pre, v_pre = q, k, v
         if fresh:
             o, state = self._mix(q, k, v, g, beta, segment_ids)
             windows = [_last_window(w, new) for new, w in
@@ -133,6 +139,19 @@ class GatedDeltaNet(nnx.Module):
             convolved.append(jax.nn.silu(causal_conv(seq, weight[...], ones)[:, -T:]))
             windows.append(seq[:, seq.shape[1] - window.shape[1]:].astype(window.dtype))
         q, k, v = convolved
+        if history:
+            def one(state, xs):
+                o, state = delta_rule_step(*xs, state)
+                return state, (o, state)
+
+            xs = tuple(jnp.moveaxis(a, 1, 0) for a in (q, k, v, g, beta))
+            state, (o, states) = jax.lax.scan(one, cache.state, xs)
+            W = cache.q_window.shape[1]
+            seqs = [jnp.concatenate([w.astype(n.dtype), n], axis=1).astype(w.dtype) for w, n in
+                    ((cache.q_window, q_pre), (cache.k_window, k_pre), (cache.v_window, v_pre))]
+            after = [jnp.stack([s[:, j + 1:j + 1 + W] for j in range(T)], axis=1) for s in seqs]
+            hist = RecurrentState(*after, jnp.moveaxis(states, 0, 1))
+            return self._output(jnp.moveaxis(o, 0, 1), z), RecurrentState(*windows, state), hist
         if T == 1:
             o, state = delta_rule_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], cache.state)
             o = o[:, None]

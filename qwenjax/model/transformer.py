@@ -29,6 +29,7 @@ from qwenjax.model.gated_deltanet import GatedDeltaNet, RecurrentState
 from qwenjax.model.layers import RMSNorm, make_param, rope_tables
 from qwenjax.model.lora import fold_lora
 from qwenjax.model.mlp import MLP, MoE, empty_router_stats
+from qwenjax.model.mtp import MTP
 from qwenjax.sharding import constrain
 
 Kind = tuple[str, str]  # (attention type, mlp type)
@@ -129,10 +130,15 @@ class DecoderLayer(nnx.Module):
             y, stats = self.mlp(h), empty_router_stats(self.num_experts)
         return x + y, stats
 
-    def extend(self, x, inputs: LayerInputs, slots: CacheSlots, cache):
-        """As `__call__` for new tokens after those in `cache` -> (x, new cache)."""
+    def extend(self, x, inputs: LayerInputs, slots: CacheSlots, cache, history: bool = False):
+        """As `__call__` for new tokens after those in `cache` -> (x, new cache), and with
+        `history` the recurrent state after each token (None for attention layers)."""
         h = self.input_norm(x)
-        if self.is_linear:
+        hist = None
+        if self.is_linear and history:
+            a, cache, hist = self.attn.extend(h, inputs.segment_ids, inputs.valid, cache,
+                                              history=True)
+        elif self.is_linear:
             a, cache = self.attn.extend(h, inputs.segment_ids, inputs.valid, cache,
                                         fresh=slots.fresh)
         else:
@@ -140,7 +146,7 @@ class DecoderLayer(nnx.Module):
                 h, inputs.cos, inputs.sin, inputs.positions, inputs.segment_ids, cache, slots
             )
         x, _ = self._mlp(x + a, inputs.valid)
-        return x, cache
+        return (x, cache, hist) if history else (x, cache)
 
 
 class Block(nnx.Module):
@@ -156,12 +162,17 @@ class Block(nnx.Module):
             total = stats if total is None else jax.tree.map(jnp.add, total, stats)
         return x, total
 
-    def extend(self, x, inputs: LayerInputs, slots: CacheSlots, caches: tuple):
-        new = []
+    def extend(self, x, inputs: LayerInputs, slots: CacheSlots, caches: tuple,
+               history: bool = False):
+        new, hists = [], []
         for layer, cache in zip(self.layers, caches):
-            x, cache = layer.extend(x, inputs, slots, cache)
+            if history:
+                x, cache, hist = layer.extend(x, inputs, slots, cache, history=True)
+                hists.append(hist)
+            else:
+                x, cache = layer.extend(x, inputs, slots, cache)
             new.append(cache)
-        return x, tuple(new)
+        return (x, tuple(new), tuple(hists)) if history else (x, tuple(new))
 
 
 class LayerStack(nnx.Module):
@@ -214,9 +225,11 @@ class LayerStack(nnx.Module):
         (x, stats), _ = jax.lax.scan(body, (x, zeros), xs)
         return x, stats
 
-    def extend(self, x, inputs: LayerInputs, slots: CacheSlots, caches: tuple):
+    def extend(self, x, inputs: LayerInputs, slots: CacheSlots, caches: tuple,
+               history: bool = False):
         """x [B,T,D] through every block, each continuing its slice of the stacked `caches`
-        -> (x, new stacked caches).
+        -> (x, new stacked caches), and with `history` the recurrent layers' per-token states
+        stacked [R, B, T, ...] (None for attention layers).
 
         The stacked caches ride in the scan carry and only the new tokens' keys and values are
         written back, in place: scanning them as xs -> ys would copy every layer's whole cache
@@ -240,13 +253,14 @@ class LayerStack(nnx.Module):
             mine = jax.tree.map(lambda a: a[r], caches)
             block = nnx.merge(graphdef, block_params)
             fold_lora(block)
-            h, new = block.extend(h, inputs, slots, mine)
+            out = block.extend(h, inputs, slots, mine, history)
+            h, new = out[:2]
             caches = tuple(write_back(c, n, r) for c, n in zip(caches, new))
-            return (h, caches), None
+            return (h, caches), (out[2] if history else None)
 
         xs = (params, jnp.arange(self.repeats, dtype=jnp.int32))
-        (x, caches), _ = jax.lax.scan(body, (x, caches), xs)
-        return x, caches
+        (x, caches), hists = jax.lax.scan(body, (x, caches), xs)
+        return (x, caches, hists) if history else (x, caches)
 
 
 class CausalLM(nnx.Module):
@@ -260,6 +274,8 @@ class CausalLM(nnx.Module):
         self.final_norm = RMSNorm(D, cfg.rms_norm_eps, ("norm",), pd, rngs, cfg.norm_zero_centered)
         if not cfg.tie_word_embeddings:
             self.lm_head = make_param(rngs, (D, V), ("embed", "vocab"), pd)
+        if cfg.mtp_layers:
+            self.mtp = MTP(cfg, rngs=rngs)
 
     def hidden_states(self, input_ids, *, positions=None, segment_ids=None, attention_mask=None):
         """input_ids [B,T] -> (final hidden states [B,T,D] in the compute dtype, router stats).
@@ -287,7 +303,26 @@ class CausalLM(nnx.Module):
             total = jax.tree.map(jnp.add, total, stats)
         return self.final_norm(x), total
 
-    def extend(self, input_ids, cache: Cache, *, positions, segment_ids, fresh: bool = False):
+    def mtp_hidden_states(self, depth: int, input_ids, hidden, *, positions=None, segment_ids=None):
+        """Multi-token prediction depth `depth` (1-based) over a whole sequence (model/mtp.py):
+        input_ids [B,T] the tokens t+depth, hidden [B,T,D] depth-1's hidden states (depth 0:
+        `hidden_states`) -> (this depth's hidden states [B,T,D], router stats)."""
+        cfg = self.config
+        dtype = jnp.dtype(cfg.runtime.dtype)
+        B, T = input_ids.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        if segment_ids is None:
+            segment_ids = jnp.ones((B, T), jnp.int32)
+        positions, segment_ids = positions.astype(jnp.int32), segment_ids.astype(jnp.int32)
+        cos, sin = rope_tables(cfg, positions, dtype)
+        inputs = LayerInputs(cos, sin, positions, segment_ids, segment_ids > 0)
+        embeddings = constrain(self.embed[...][input_ids].astype(dtype), ACT_BTD)
+        h, stats = self.mtp(depth, embeddings, hidden, inputs)
+        return constrain(h, ACT_BTD), stats
+
+    def extend(self, input_ids, cache: Cache, *, positions, segment_ids, fresh: bool = False,
+               history: bool = False):
         """Run T new tokens after the `cache.length` slots already in `cache`.
 
         input_ids, positions, segment_ids [B,T] (segment id 0 = padding, 1 = a token) ->
@@ -298,6 +333,10 @@ class CausalLM(nnx.Module):
         forms — ring attention, the parallel delta-rule scan — and fill the cache from them. The
         slots then hold the prompt in layout order; masks use each slot's position, so the order
         of slots does not matter to attention.
+
+        history (static): also return, per stack and layer of its block, the Gated DeltaNet
+        state after each new token ([R, B, T, ...]; None for attention layers), so speculative
+        decoding can keep the state at the last accepted token (`infer/speculative.py`).
         """
         dtype = jnp.dtype(self.config.runtime.dtype)
         positions, segment_ids = positions.astype(jnp.int32), segment_ids.astype(jnp.int32)
@@ -313,13 +352,45 @@ class CausalLM(nnx.Module):
         x = self.embed[...][input_ids].astype(dtype)
         if fresh:  # a whole prompt: token-parallel work split over the mesh as in training
             x = constrain(x, ACT_BTD)
-        layers = []
+        layers, hists = [], []
         for stack, caches in zip(self.stacks, cache.layers):
-            x, caches = stack.extend(x, inputs, slots, caches)
+            out = stack.extend(x, inputs, slots, caches, history)
+            x, caches = out[:2]
             layers.append(caches)
+            hists.append(out[2] if history else None)
         length = cache.length + input_ids.shape[1]
         new = Cache(tuple(layers), slots.positions, slots.segment_ids, length)
+        if history:
+            return self.final_norm(x), new, tuple(hists)
         return self.final_norm(x), new
+
+    def mtp_extend(self, input_ids, hidden, cache: Cache, *, positions, segment_ids,
+                   depths: tuple[int, ...] = (1,), fresh: bool = False):
+        """MTP for T new slots after `cache.length` in the MTP cache (`cache.layers`: one KVCache
+        [B,S,K,Dh] per MTP layer): slot t holds the embedding of input_ids[t] and hidden[t]. Each
+        depth in `depths` runs its layer on these same inputs and writes that layer's cache ->
+        (each depth's hidden states [B,T,D], cache with T more slots). `fresh` as in `extend`
+        (an empty cache and a whole prompt in the token layout)."""
+        dtype = jnp.dtype(self.config.runtime.dtype)
+        positions, segment_ids = positions.astype(jnp.int32), segment_ids.astype(jnp.int32)
+        start = (0, cache.length)
+        slots = CacheSlots(
+            cache.length,
+            jax.lax.dynamic_update_slice(cache.positions, positions, start),
+            jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids, start),
+            fresh,
+        )
+        cos, sin = rope_tables(self.config, positions, dtype)
+        inputs = LayerInputs(cos, sin, positions, segment_ids, segment_ids > 0)
+        embeddings = self.embed[...][input_ids].astype(dtype)
+        layers, outs = list(cache.layers), []
+        for depth in depths:
+            i = (depth - 1) % len(layers)
+            h, layers[i] = self.mtp.extend(depth, embeddings, hidden.astype(dtype), inputs, slots,
+                                           layers[i])
+            outs.append(h)
+        length = cache.length + input_ids.shape[1]
+        return tuple(outs), Cache(tuple(layers), slots.positions, slots.segment_ids, length)
 
     def head_kernel(self):
         """[D, V] output projection (the embedding, transposed, when tied)."""

@@ -3,7 +3,7 @@
 Layout of a parameter checkpoint directory:
     model_config.json   the ModelConfig (architecture + dtypes + carried HF keys)
     params/             Orbax StandardCheckpointer tree of the nnx.Param state (pure dict)
-    passthrough.safetensors   HF tensors carried unchanged (mtp.*, model.visual.*), if any
+    passthrough.safetensors   HF tensors carried unchanged (model.visual.*), if any
 Restoring places every array straight into its sharding on the given mesh.
 """
 
@@ -57,7 +57,7 @@ def save_params(
         (tmp / CONFIG_FILE).write_text(json.dumps(model.config.to_dict(), indent=2))
         for path in extra_files:
             copy_file(path, tmp / as_path(path).name)
-        if carried:  # tensors carried through unchanged (mtp.*, model.visual.*), streamed
+        if carried:  # tensors carried through unchanged (model.visual.*), streamed
             write_shard(tmp / PASSTHROUGH_FILE,
                         [PlannedTensor(i.name, i.shape, i.dtype) for i in carried],
                         (read_tensor(i) for i in carried))

@@ -91,7 +91,7 @@ def build_dataset(exp: ExperimentConfig, tokenizer) -> PackedDataset | SFTDatase
                              overlong=exp.data.overlong, pad_id=tokenizer.pad_id)
     else:
         dataset = PackedDataset(build_corpus(exp), tokenizer, exp.data.seq_len, seed=exp.seed,
-                                lanes=exp.batch_size)
+                                lanes=exp.batch_size, lookahead=exp.mtp.depth)
     if jax.process_count() > 1:
         dataset = dataset.shard(jax.process_index(), jax.process_count())
     return dataset

@@ -38,6 +38,7 @@ from qwenjax.experiment import (
     experiment_from_dict,
     same_run,
 )
+from qwenjax.model.mtp import mtp_arrays
 from qwenjax.model.partition import abstract_model, init_sharded
 from qwenjax.ops.context_layout import to_layout
 from qwenjax.paths import as_path, is_url, rmtree
@@ -175,7 +176,16 @@ def _micro_batches(arrays: dict, grad_accum: int, sharding, context: int = 1,
         x = x.reshape(grad_accum, x.shape[0] // grad_accum, *x.shape[1:])
         return jax.make_array_from_process_local_data(sharding, x) if sharding else jax.device_put(x)
 
-    return Batch(**{k: put(arrays[k]) for k in Batch._fields})
+    return Batch(**{k: put(arrays[k]) for k in Batch._fields if k in arrays})
+
+
+def _with_mtp(arrays: dict, depth: int) -> dict:
+    """Add the MTP inputs, targets and masks (from the rows' look-ahead windows) to a batch."""
+    window_ids, window_segments = arrays.pop("window_ids"), arrays.pop("window_segments")
+    if depth:
+        arrays["mtp_inputs"], arrays["mtp_targets"], arrays["mtp_mask"] = mtp_arrays(
+            window_ids, window_segments, arrays["loss_mask"], depth)
+    return arrays
 
 
 def train(exp: ExperimentConfig, run_dir: str | Path, *, overwrite_export: bool = False) -> dict:
@@ -268,7 +278,8 @@ def _run(exp, run_dir, cfg, mesh, rules, tokenizer, primary, overwrite_export) -
 
     step_fn = make_train_step(
         graphdef, tx, aux_weight=exp.aux_loss_weight, z_weight=exp.z_loss_weight,
-        state_sharding=state_sharding, batch_sharding=batch_sharding,
+        mtp_weight=exp.mtp.weight if exp.mtp.depth else 0.0, state_sharding=state_sharding,
+        batch_sharding=batch_sharding,
         frozen_sharding=jax.tree.map(lambda x: x.sharding, frozen[0]) if frozen else None,
     )
     schedule = learning_rate(exp.optimizer, exp.steps)
@@ -287,6 +298,8 @@ def _run(exp, run_dir, cfg, mesh, rules, tokenizer, primary, overwrite_export) -
             pending = None  # (step, its bad-step counter), read one step late
             for step in range(start + 1, exp.steps + 1):
                 arrays = dataset.next_batch(local_batch)
+                if exp.mtp.depth:
+                    arrays = _with_mtp(arrays, exp.mtp.depth)
                 state, metrics = step_fn(state, _micro_batches(arrays, exp.grad_accum, batch_sharding,
                                                             exp.mesh.context, exp.mesh.context_layout),
                                          *frozen)

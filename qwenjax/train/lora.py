@@ -41,7 +41,9 @@ def adapter_groups(cfg, lora: LoRAConfig) -> list[list[TensorMap]]:
     wanted = lora.hf_modules()
     groups: dict[tuple, list[TensorMap]] = {}
     for entry in tensor_table(cfg, fused_experts=False):
-        if not entry.targets[0].index or not entry.hf_name.endswith(".weight"):
+        # Only the stacked decoder layers: not embeddings, norms, the head, nor the MTP module.
+        if (not entry.targets[0].index or not entry.hf_name.endswith(".weight")
+                or entry.targets[0].param[0] != "stacks"):
             continue
         is_expert = ".experts." in entry.hf_name
         if (is_expert and "experts" not in wanted) or (

@@ -20,17 +20,23 @@ F32 = jnp.float32
 
 
 class Batch(NamedTuple):
-    """One step's tokens, all [B, T]. `targets` are the next tokens; `loss_mask` 1 where counted."""
+    """One step's tokens, all [B, T]. `targets` are the next tokens; `loss_mask` 1 where counted.
+    With multi-token prediction, the per-depth `mtp_*` arrays [B, T, depth] of
+    `model.mtp.mtp_arrays` (None without)."""
 
     input_ids: jax.Array
     targets: jax.Array
     loss_mask: jax.Array
     positions: jax.Array
     segment_ids: jax.Array
+    mtp_inputs: jax.Array | None = None
+    mtp_targets: jax.Array | None = None
+    mtp_mask: jax.Array | None = None
 
 
-def chunked_cross_entropy(hidden, head, targets, mask, chunk: int = 2048):
-    """Sum of -log p(target) over masked tokens, and the count. hidden [N,D], head [D,V].
+def chunked_cross_entropy(hidden, head, targets, mask, chunk: int = 2048, *, correct: bool = False):
+    """Sum of -log p(target) over masked tokens, and the count (and with `correct`, the number
+    of masked tokens whose top-1 prediction is the target). hidden [N,D], head [D,V].
 
     Sharding: N is split over the batch (and context) devices. Chunk j takes rows j, j + n,
     j + 2n ... (n chunks), so every chunk keeps N's split and each device works on its own rows
@@ -54,17 +60,26 @@ def chunked_cross_entropy(hidden, head, targets, mask, chunk: int = 2048):
         logits = jnp.dot(h, head, preferred_element_type=F32)  # [C,V]
         lse = jax.nn.logsumexp(logits, axis=-1)
         picked = jnp.take_along_axis(logits, t[:, None], axis=-1)[:, 0]
-        return jnp.sum((lse - picked) * m)
+        hits = jnp.sum((jnp.argmax(logits, axis=-1) == t) * m) if correct else jnp.zeros((), F32)
+        return jnp.sum((lse - picked) * m), hits
 
     strided = lambda x: jnp.swapaxes(x.reshape(C, n, *x.shape[1:]), 0, 1)  # [n, C, ...]
     chunks = (strided(hidden), strided(targets), strided(mask))
-    return jnp.sum(jax.lax.map(one, chunks)), jnp.sum(mask)
+    sums, hits = jax.lax.map(one, chunks)
+    if correct:
+        return jnp.sum(sums), jnp.sum(mask), jnp.sum(hits)
+    return jnp.sum(sums), jnp.sum(mask)
 
 
 def loss_fn(model: CausalLM, batch: Batch, *, aux_weight: float = 0.0, z_weight: float = 0.0,
-            ce_chunk: int = 2048, token_norm=None):
+            ce_chunk: int = 2048, token_norm=None, mtp_weight: float = 0.0, mtp_norm=None):
     """(total loss, metrics). The cross-entropy is the mean over counted tokens, or the sum
-    divided by `token_norm` (the whole batch's count, so micro-batches add up exactly)."""
+    divided by `token_norm` (the whole batch's count, so micro-batches add up exactly).
+
+    With `batch.mtp_inputs` (multi-token prediction, model/mtp.py), depth k's cross-entropy
+    (normalised by its own count, or by `mtp_norm[k-1]`) and top-1 accuracy are reported as
+    `mtp_loss_k` / `mtp_acc_k`, and `mtp_weight` times their mean over depths joins the total.
+    The MTP layers' router statistics join the main model's."""
     h, stats = model.hidden_states(
         batch.input_ids, positions=batch.positions, segment_ids=batch.segment_ids
     )
@@ -74,15 +89,33 @@ def loss_fn(model: CausalLM, batch: Batch, *, aux_weight: float = 0.0, z_weight:
         batch.loss_mask.reshape(-1), ce_chunk,
     )
     ce = ce_sum / jnp.maximum(count if token_norm is None else token_norm, 1.0)
+    metrics, mtp_total, mtp_passes = {}, 0.0, 0
+    if batch.mtp_inputs is not None:
+        depth = batch.mtp_inputs.shape[-1]
+        prev = h
+        for k in range(1, depth + 1):
+            prev, mtp_stats = model.mtp_hidden_states(
+                k, batch.mtp_inputs[..., k - 1], prev, positions=batch.positions,
+                segment_ids=batch.segment_ids)
+            stats = jax.tree.map(jnp.add, stats, mtp_stats)
+            mask = batch.mtp_mask[..., k - 1].reshape(-1)
+            s, n, hits = chunked_cross_entropy(
+                prev.reshape(B * T, D), model.head_kernel(),
+                batch.mtp_targets[..., k - 1].reshape(-1), mask, ce_chunk, correct=True)
+            norm = jnp.maximum(n if mtp_norm is None else mtp_norm[k - 1], 1.0)
+            metrics[f"mtp_loss_{k}"], metrics[f"mtp_acc_{k}"] = s / norm, hits / norm
+            mtp_total = mtp_total + s / norm
+        mtp_total, mtp_passes = mtp_total / depth, depth
     aux, z = router_losses(stats, model.config)
-    total = ce + aux_weight * aux + z_weight * z
+    total = ce + aux_weight * aux + z_weight * z + mtp_weight * mtp_total
     counts, dropped = stats[0], stats[4]
     load = counts / jnp.maximum(jnp.mean(counts), 1e-9)
     cfg = model.config
-    routed = sum(m == "moe" for m in cfg.mlp_types) * B * T * max(cfg.num_experts_per_tok, 1)
+    moe_passes = sum(m == "moe" for m in cfg.mlp_types) + mtp_passes * (cfg.mtp_kind[1] == "moe")
+    routed = moe_passes * B * T * max(cfg.num_experts_per_tok, 1)
     return total, {"loss": ce, "aux_loss": aux, "z_loss": z, "tokens": count,
                    "expert_load_max": jnp.max(load), "expert_load_min": jnp.min(load),
-                   "dropped_fraction": dropped / max(routed, 1)}
+                   "dropped_fraction": dropped / max(routed, 1), **metrics}
 
 
 def batch_from_tokens(tokens) -> Batch:

@@ -54,11 +54,13 @@ def make_forward(graphdef) -> Callable:
     return forward
 
 
-def make_loss_and_grad(graphdef, *, aux_weight: float = 0.0, z_weight: float = 0.0) -> Callable:
+def make_loss_and_grad(graphdef, *, aux_weight: float = 0.0, z_weight: float = 0.0,
+                       mtp_weight: float = 0.0) -> Callable:
     """jitted (params, batch) -> ((loss, metrics), grads), grads shaped like params."""
 
     def objective(params, batch: Batch):
-        return loss_fn(nnx.merge(graphdef, params), batch, aux_weight=aux_weight, z_weight=z_weight)
+        return loss_fn(nnx.merge(graphdef, params), batch, aux_weight=aux_weight, z_weight=z_weight,
+                       mtp_weight=mtp_weight)
 
     return jax.jit(jax.value_and_grad(objective, has_aux=True))
 
@@ -71,18 +73,20 @@ def init_train_state(params, tx: optax.GradientTransformation) -> TrainState:
 
 def make_train_step(
     graphdef, tx: optax.GradientTransformation, *, aux_weight: float, z_weight: float,
-    state_sharding=None, batch_sharding=None, frozen_sharding=None,
+    mtp_weight: float = 0.0, state_sharding=None, batch_sharding=None, frozen_sharding=None,
 ) -> Callable:
-    """jitted, donating (state, batch) -> (state, metrics). `batch` fields are [A, B/A, T].
+    """jitted, donating (state, batch) -> (state, metrics). `batch` fields are [A, B/A, T]
+    (the `mtp_*` fields [A, B/A, T, depth] when training multi-token prediction).
 
     With `frozen_sharding` (LoRA: the base parameters' shardings) the step is
     (state, batch, frozen) -> (state, metrics): `state.params` are what trains (the adapters)
     and `frozen` the rest of the model, read but never differentiated nor updated."""
 
-    def objective(params, micro: Batch, token_norm, n_micro, frozen=()):
+    def objective(params, micro: Batch, norms, n_micro, frozen=()):
         total, metrics = loss_fn(
             nnx.merge(graphdef, params, *frozen), micro, aux_weight=aux_weight / n_micro,
-            z_weight=z_weight / n_micro, token_norm=token_norm,
+            z_weight=z_weight / n_micro, token_norm=norms[0], mtp_weight=mtp_weight,
+            mtp_norm=norms[1],
         )
         return total, metrics
 
@@ -91,15 +95,18 @@ def make_train_step(
     def step(state: TrainState, batch: Batch, *frozen):
         n_micro = batch.input_ids.shape[0]
         token_norm = jnp.sum(batch.loss_mask)
+        # Each MTP depth's loss is normalised by that depth's count over the whole batch.
+        mtp_norm = None if batch.mtp_mask is None else jnp.sum(batch.mtp_mask, axis=(0, 1, 2))
+        norms = (token_norm, mtp_norm)
 
         def accumulate(acc, micro):
-            (total, metrics), grads = grad_fn(state.params, micro, token_norm, n_micro, frozen)
+            (total, metrics), grads = grad_fn(state.params, micro, norms, n_micro, frozen)
             return jax.tree.map(jnp.add, acc, (total, metrics, grads)), None
 
         zeros = jax.tree.map(
             jnp.zeros_like,
             jax.eval_shape(lambda: grad_fn(state.params, jax.tree.map(lambda x: x[0], batch),
-                                           token_norm, n_micro, frozen)),
+                                           norms, n_micro, frozen)),
         )
         zeros = (zeros[0][0], zeros[0][1], zeros[1])
         (total, metrics, grads), _ = jax.lax.scan(accumulate, zeros, batch)
