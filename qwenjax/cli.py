@@ -3,6 +3,7 @@
     qwenjax train EXPERIMENT.yaml [--set key=value ...] [--run-dir DIR]
     qwenjax import-hf HF_DIR CKPT_DIR     HF checkpoint -> Orbax parameter checkpoint
     qwenjax export-hf CKPT_DIR HF_DIR     Orbax parameter checkpoint -> HF directory
+    qwenjax export-hf RUN_DIR OUT (--adapter | --merge)   LoRA run -> PEFT adapter / merged HF
     qwenjax eval EXPERIMENT.yaml [--set ...] [--run-dir DIR] [--out DIR]   long-context eval
     qwenjax generate (--hf DIR | --checkpoint DIR) --prompt TEXT [--chat] [--mesh context=8] [...]
     qwenjax plan EXPERIMENT.yaml --topology v5p-128 [--set ...] [--infer] [--search batch]
@@ -84,6 +85,8 @@ def cmd_export_hf(args) -> None:
     from qwenjax.train.checkpoint import load_params, read_model_config
 
     t0 = time.time()
+    if args.adapter or args.merge:
+        return _export_lora_run(args, t0)
     mesh = _mesh_arg(args.mesh)
     export_dtype(read_model_config(args.ckpt_dir), args.dtype)  # bad values fail before loading
     parse_size(args.max_shard_size)
@@ -94,6 +97,31 @@ def cmd_export_hf(args) -> None:
         overwrite=args.overwrite, inputs=[args.ckpt_dir],
         extra_files=tokenizer_files(args.ckpt_dir),
     )
+    print(f"wrote {args.hf_dir} ({time.time() - t0:.1f}s)", file=sys.stderr)
+
+
+def _export_lora_run(args, t0) -> None:
+    """export-hf RUN OUT --adapter (PEFT adapter dir) | --merge (merged HF weights)."""
+    from qwenjax.atomic import check_output
+    from qwenjax.hf.convert import save_pretrained
+    from qwenjax.hf.peft import save_peft_adapter
+    from qwenjax.train.data_setup import build_tokenizer
+    from qwenjax.train.lora import merge_adapters
+    from qwenjax.train.sft_run import load_run_model
+
+    kind = "peft-adapter" if args.adapter else "hf-model"
+    check_output(args.hf_dir, kind, overwrite=args.overwrite, inputs=[args.ckpt_dir])
+    model, exp = load_run_model(args.ckpt_dir)
+    if args.adapter:
+        save_peft_adapter(model, args.hf_dir, exp.lora, base_model=exp.init_from,
+                          overwrite=args.overwrite, inputs=[args.ckpt_dir])
+    else:
+        merge_adapters(model)
+        tokenizer = build_tokenizer(exp, args.ckpt_dir)
+        save_pretrained(model, args.hf_dir, dtype=args.dtype, max_shard_size=args.max_shard_size,
+                        tokenizer=tokenizer, overwrite=args.overwrite, inputs=[args.ckpt_dir],
+                        generation={"eos_token_id": tokenizer.eos_id,
+                                    "pad_token_id": tokenizer.pad_id})
     print(f"wrote {args.hf_dir} ({time.time() - t0:.1f}s)", file=sys.stderr)
 
 
@@ -123,6 +151,10 @@ def cmd_generate(args) -> None:
     model, tokenizer = load_for_inference(
         args.hf, args.checkpoint, runtime=RuntimeConfig(dtype=args.dtype), mesh=mesh
     )
+    if args.adapter:  # a PEFT LoRA adapter directory on top of the model
+        from qwenjax.hf.peft import load_peft_adapter
+
+        load_peft_adapter(model, args.adapter)
     if tokenizer is None:
         raise ConfigError(f"no tokenizer.json in {args.hf or args.checkpoint}")
     if args.steer:
@@ -243,6 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--speculative", type=int, default=0, metavar="D",
                    help="self-speculative decoding: the model's MTP module drafts D tokens per "
                         "main-model pass (Qwen3-Next / Qwen3.5 checkpoints); 0 = off")
+    p.add_argument("--adapter", help="PEFT LoRA adapter directory to apply to the model")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("plan", help="compile the train step for a TPU slice: fits? collectives?")
@@ -276,6 +309,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-shard-size", default="5GB")
     p.add_argument("--mesh", help="restore sharded, e.g. fsdp=8")
     p.add_argument("--overwrite", action="store_true", help=_OVERWRITE)
+    lora = p.add_mutually_exclusive_group()
+    lora.add_argument("--adapter", action="store_true",
+                      help="CKPT_DIR is a LoRA run: write its adapters as a PEFT adapter directory")
+    lora.add_argument("--merge", action="store_true",
+                      help="CKPT_DIR is a LoRA run: write full weights with the adapters merged")
     p.set_defaults(func=cmd_export_hf)
     return parser
 

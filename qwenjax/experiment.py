@@ -61,19 +61,26 @@ class MeshConfig:
 @dataclass(frozen=True, kw_only=True)
 class DataConfig:
     # stdlib (Python's own sources, offline everywhere) | text | jsonl | passkey (synthetic
-    # passkey-retrieval documents, qwenjax.data.passkey; max_docs of them, 20000 if 0)
+    # passkey-retrieval documents, qwenjax.data.passkey; max_docs of them, 20000 if 0) | sft
+    # (JSONL of chat `messages`, prompt/completion or text records, qwenjax.data.sft)
     source: str = "stdlib"
     paths: list[str] = field(default_factory=list)  # globs for text / jsonl
     text_field: str = "text"  # the JSONL field holding the text
     max_docs: int = 0  # 0 = all documents
     seq_len: int = 256
+    overlong: str = "truncate"  # sft: an example longer than seq_len is cut (truncate) or dropped
+    loss_on: str = "assistant"  # sft: assistant turns / completions only, or all (ablation)
 
     def __post_init__(self):
-        if self.source not in ("stdlib", "text", "jsonl", "passkey"):
+        if self.source not in ("stdlib", "text", "jsonl", "passkey", "sft"):
             raise ConfigError(
-                f"data.source {self.source!r} is not one of stdlib, text, jsonl, passkey"
+                f"data.source {self.source!r} is not one of stdlib, text, jsonl, passkey, sft"
             )
-        if self.source in ("text", "jsonl") and not self.paths:
+        if self.overlong not in ("truncate", "drop"):
+            raise ConfigError(f"data.overlong {self.overlong!r} is not one of truncate, drop")
+        if self.loss_on not in ("assistant", "all"):
+            raise ConfigError(f"data.loss_on {self.loss_on!r} is not one of assistant, all")
+        if self.source in ("text", "jsonl", "sft") and not self.paths:
             raise ConfigError(f"data.paths is required for data.source={self.source}")
         if self.seq_len < 2:
             raise ConfigError("data.seq_len must be >= 2")
@@ -131,6 +138,41 @@ class CheckpointConfig:
             raise ConfigError(
                 f"checkpoint.every and checkpoint.keep must be >= 1, got {self.every} and {self.keep}"
             )
+
+
+# LoRA target names: short names for the projections, or Hugging Face module names (which is
+# what PEFT's target_modules match). "experts": every routed expert's gate/up/down (per expert).
+LORA_TARGETS = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj",
+                "up": "up_proj", "down": "down_proj"}
+LORA_HF_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                   "in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "in_proj_qkvz",
+                   "in_proj_ba", "out_proj", "experts")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoRAConfig:
+    """Low-rank adapters (qwenjax/train/lora.py): rank 0 = off (full fine-tuning)."""
+
+    rank: int = 0
+    alpha: float = 16.0  # the update is (alpha / rank) * A @ B, as PEFT's lora_alpha
+    dropout: float = 0.0  # adapters are folded into the weights: only 0 is supported
+    targets: list[str] = field(default_factory=lambda: ["q", "k", "v", "o"])
+    init: str = ""  # a PEFT adapter directory to start from (its rank/alpha/targets must match)
+
+    def __post_init__(self):
+        if self.rank < 0:
+            raise ConfigError(f"lora.rank must be >= 0 (0 = off), got {self.rank}")
+        if self.dropout != 0.0:
+            raise ConfigError(
+                f"lora.dropout {self.dropout}: only 0 is supported (adapters are folded into "
+                "the weights inside the layer scan, where input dropout has no form)")
+        bad = [t for t in self.targets if t not in LORA_TARGETS and t not in LORA_HF_MODULES]
+        if bad or (self.rank and not self.targets):
+            raise ConfigError(f"lora.targets {self.targets!r}: each must be one of "
+                              f"{[*LORA_TARGETS, *LORA_HF_MODULES]}")
+
+    def hf_modules(self) -> set[str]:
+        return {LORA_TARGETS.get(t, t) for t in self.targets}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -194,6 +236,7 @@ class ExperimentConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
     mtp: MTPConfig = field(default_factory=MTPConfig)
     steps: int = 300
     batch_size: int = 16  # global batch (rows) per optimizer step
@@ -226,6 +269,9 @@ class ExperimentConfig:
             raise ConfigError(
                 f"batch_size {self.batch_size} is not divisible by grad_accum {self.grad_accum}"
             )
+        if self.mtp.depth and self.data.source == "sft":
+            raise ConfigError("mtp.depth > 0 is not supported with data.source=sft (SFT rows "
+                              "carry no look-ahead tokens); set mtp.depth=0")
         micro = self.batch_size // self.grad_accum
         if micro % self.mesh.batch_ways:
             raise ConfigError(

@@ -31,6 +31,7 @@ from typing import Literal
 import tokenizers
 from tokenizers import AddedToken, models, normalizers
 
+from qwenjax.data.chat_templates import TEMPLATES
 from qwenjax.data.tokenizer import ENDOFTEXT, QWEN2_PATTERN, HFTokenizer, byte_level
 from qwenjax.errors import ConfigError
 
@@ -135,4 +136,4 @@ def qwen_tokenizer(kind: Literal["qwen3", "qwen3.5"] = "qwen3") -> HFTokenizer:
     # Added tokens take the next free ids in order, i.e. right after the last rank.
     backend.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
     assert backend.token_to_id(ENDOFTEXT) == len(ranks), "special ids must follow the ranks"
-    return HFTokenizer(backend, eos_token=ENDOFTEXT, chat_template=CHATML_TEMPLATE)
+    return HFTokenizer(backend, eos_token=ENDOFTEXT, chat_template=TEMPLATES[kind])

@@ -28,6 +28,7 @@ from qwenjax.model import hooks
 from qwenjax.model.attention import Attention, CacheSlots, KVCache
 from qwenjax.model.gated_deltanet import GatedDeltaNet, RecurrentState
 from qwenjax.model.layers import RMSNorm, make_param, rope_tables
+from qwenjax.model.lora import fold_lora
 from qwenjax.model.mlp import MLP, MoE, empty_router_stats
 from qwenjax.model.mtp import MTP
 from qwenjax.sharding import constrain
@@ -220,8 +221,10 @@ class LayerStack(nnx.Module):
             cos, sin = rope_tables(cfg, positions, h.dtype)
             inputs = LayerInputs(cos, sin, positions, segment_ids, tokens.valid)
             bufs = dict(bufs)
+            block = nnx.merge(graphdef, block_params)
+            fold_lora(block)  # adapters, if any, added to their kernels for this layer
             with hooks.frame(self.first_layer, self.period, self.repeats, repeat, bufs):
-                h, stats = nnx.merge(graphdef, block_params)(h, inputs)
+                h, stats = block(h, inputs)
             h = constrain(h, ACT_BTD)
             return (h, jax.tree.map(jnp.add, acc, stats), bufs), None
 
@@ -262,8 +265,10 @@ class LayerStack(nnx.Module):
             h, caches = carry
             block_params, r = xs
             mine = jax.tree.map(lambda a: a[r], caches)
+            block = nnx.merge(graphdef, block_params)
+            fold_lora(block)
             with hooks.frame(self.first_layer, self.period, self.repeats, r, {}):
-                out = nnx.merge(graphdef, block_params).extend(h, inputs, slots, mine, history)
+                out = block.extend(h, inputs, slots, mine, history)
             h, new = out[:2]
             caches = tuple(write_back(c, n, r) for c, n in zip(caches, new))
             return (h, caches), (out[2] if history else None)

@@ -22,6 +22,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from qwenjax.config import ModelConfig
 from qwenjax.experiment import ExperimentConfig
+from qwenjax.model.lora import LoRAParam
 from qwenjax.model.partition import abstract_model, variable_sharding
 from qwenjax.sharding import activate, logical_to_spec
 from qwenjax.train.loss import Batch
@@ -45,10 +46,35 @@ def abstract_params(cfg: ModelConfig, mesh: Mesh, rules: dict):
     return graphdef, jax.tree.map(place, abstract, is_leaf=_is_var)
 
 
+def abstract_lora_params(exp: ExperimentConfig, cfg: ModelConfig, mesh: Mesh, rules: dict):
+    """(graphdef, adapters, base) of a LoRA run, abstract and placed like `abstract_params`."""
+    from qwenjax.model.transformer import CausalLM
+    from qwenjax.train.lora import add_adapters
+
+    def build():
+        model = CausalLM(cfg, rngs=nnx.Rngs(0))
+        add_adapters(model, exp.lora, exp.seed)
+        return model
+
+    graphdef, adapters, base = nnx.split(nnx.eval_shape(build), LoRAParam, ...)
+
+    def place(var):
+        value = var.get_value()
+        sharding = variable_sharding(var, mesh, rules)
+        return var.replace(jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=sharding))
+
+    adapters, base = (jax.tree.map(place, s, is_leaf=_is_var) for s in (adapters, base))
+    return graphdef, adapters, base
+
+
 def abstract_train_state(exp: ExperimentConfig, cfg: ModelConfig, mesh: Mesh, rules: dict):
     """(graphdef, tx, state) as `train.loop` builds them, abstract: optimizer subtrees shaped
-    like the parameters (AdamW's moments) take their shardings, scalars are replicated."""
-    graphdef, params = abstract_params(cfg, mesh, rules)
+    like the parameters (AdamW's moments) take their shardings, scalars are replicated. A LoRA
+    run's state holds the adapters (its frozen base: `abstract_lora_params`)."""
+    if exp.lora.rank:
+        graphdef, params, _ = abstract_lora_params(exp, cfg, mesh, rules)
+    else:
+        graphdef, params = abstract_params(cfg, mesh, rules)
     tx = make_optimizer(exp.optimizer, exp.steps, params)
     replicated = NamedSharding(mesh, PartitionSpec())
     param_tree = jax.tree.structure(params)
@@ -82,13 +108,17 @@ def lower_train_step(exp: ExperimentConfig, cfg: ModelConfig, mesh: Mesh, rules:
         batch = batch._replace(**{k: jax.ShapeDtypeStruct(mtp, dt, sharding=sharding) for k, dt in
                                   (("mtp_inputs", jnp.int32), ("mtp_targets", jnp.int32),
                                    ("mtp_mask", jnp.float32))})
+    frozen = ()
+    if exp.lora.rank:
+        frozen = (abstract_lora_params(exp, cfg, mesh, rules)[2],)
     step = make_train_step(
         graphdef, tx, aux_weight=exp.aux_loss_weight, z_weight=exp.z_loss_weight,
         mtp_weight=exp.mtp.weight if exp.mtp.depth else 0.0,
         state_sharding=state_sharding, batch_sharding=sharding,
+        frozen_sharding=jax.tree.map(lambda x: x.sharding, frozen[0]) if frozen else None,
     )
     with activate(mesh, exp.mesh.rules, exp.mesh.context_layout, exp.runtime.platform):
-        return step.lower(state, batch), state
+        return step.lower(state, batch, *frozen), state
 
 
 def compile_lowered(lowered, mesh: Mesh, exp: ExperimentConfig):

@@ -92,7 +92,8 @@ def plan_train(exp: ExperimentConfig, tpu: Slice, mesh=None) -> dict:
     lowered, state = build.lower_train_step(exp, cfg, mesh, rules)
     compiled = _compile(lowered, mesh, exp)
     compile_s = time.perf_counter() - t0
-    flops = estimate.model_flops_per_step(cfg, state.params, exp.batch_size, exp.data.seq_len)
+    params = build.abstract_params(cfg, mesh, rules)[1] if exp.lora.rank else state.params
+    flops = estimate.model_flops_per_step(cfg, params, exp.batch_size, exp.data.seq_len)
     hbm = tpu.hbm_per_device
     report = {
         "topology": tpu.topology, "slice": tpu.name, "chips": tpu.chips, "devices": tpu.devices,

@@ -54,6 +54,7 @@ from qwenjax.train.data_setup import build_dataset, build_tokenizer
 from qwenjax.train.loss import Batch
 from qwenjax.train.metrics import MetricsWriter, flops_per_token, measure_peak_flops
 from qwenjax.train.optimizer import learning_rate, make_optimizer
+from qwenjax.train.sft_run import export_lora_run, lora_model
 from qwenjax.train.step import batch_sharding as train_batch_sharding
 from qwenjax.train.step import init_train_state, make_train_step
 
@@ -244,6 +245,9 @@ def _run(exp, run_dir, cfg, mesh, rules, tokenizer, primary, overwrite_export) -
         graphdef, params = nnx.split(model)
     else:
         graphdef, params = init_sharded(cfg, mesh, rules, exp.seed)
+    frozen = ()  # LoRA: the base, read by the step but not trained
+    if exp.lora.rank:
+        graphdef, params, frozen = lora_model(nnx.merge(graphdef, params), exp, mesh, rules)
     tx = make_optimizer(exp.optimizer, exp.steps, params)
     state = init_train_state(params, tx)
     # Counters and optimizer scalars are created on one device; replicate them over the mesh.
@@ -274,7 +278,9 @@ def _run(exp, run_dir, cfg, mesh, rules, tokenizer, primary, overwrite_export) -
 
     step_fn = make_train_step(
         graphdef, tx, aux_weight=exp.aux_loss_weight, z_weight=exp.z_loss_weight,
-        mtp_weight=exp.mtp.weight if exp.mtp.depth else 0.0, state_sharding=state_sharding, batch_sharding=batch_sharding,
+        mtp_weight=exp.mtp.weight if exp.mtp.depth else 0.0, state_sharding=state_sharding,
+        batch_sharding=batch_sharding,
+        frozen_sharding=jax.tree.map(lambda x: x.sharding, frozen[0]) if frozen else None,
     )
     schedule = learning_rate(exp.optimizer, exp.steps)
     flops_tok = flops_per_token(cfg, exp.data.seq_len)
@@ -295,7 +301,8 @@ def _run(exp, run_dir, cfg, mesh, rules, tokenizer, primary, overwrite_export) -
                 if exp.mtp.depth:
                     arrays = _with_mtp(arrays, exp.mtp.depth)
                 state, metrics = step_fn(state, _micro_batches(arrays, exp.grad_accum, batch_sharding,
-                                                            exp.mesh.context, exp.mesh.context_layout))
+                                                            exp.mesh.context, exp.mesh.context_layout),
+                                         *frozen)
                 # Reading this step's counter now would wait for it to finish before the next is
                 # dispatched; the previous step's is ready or nearly so. Skipped steps change
                 # nothing, so stopping one step later loses nothing.
@@ -310,6 +317,7 @@ def _run(exp, run_dir, cfg, mesh, rules, tokenizer, primary, overwrite_export) -
                     metrics = jax.device_get(metrics)
                     metrics.update(lr=float(schedule(step - 1)), tokens_per_s=tps,
                                    mfu=tps * flops_tok / peak, skipped=int(state.skipped))
+                    metrics.update(getattr(dataset, "stats", {}))  # SFT: truncated / dropped
                     if writer is not None:
                         writer.write(step, metrics, steps_done_this_run=step - start)
                     summary["loss"] = float(metrics["loss"])
@@ -333,8 +341,11 @@ def _run(exp, run_dir, cfg, mesh, rules, tokenizer, primary, overwrite_export) -
     params = state.params
     if jax.process_count() > 1:  # every process needs every tensor addressable to write it
         params = jax.jit(lambda p: p, out_shardings=replicated)(params)
-    model = nnx.merge(graphdef, params)
-    if exp.export_hf and primary:
+        frozen = tuple(jax.jit(lambda p: p, out_shardings=replicated)(f) for f in frozen)
+    model = nnx.merge(graphdef, params, *frozen)
+    if exp.lora.rank and primary:
+        summary.update(export_lora_run(model, exp, run_dir, tokenizer, overwrite_export))
+    elif exp.export_hf and primary:
         from qwenjax.hf.convert import save_pretrained
 
         ids = {"eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id}

@@ -73,14 +73,18 @@ def init_train_state(params, tx: optax.GradientTransformation) -> TrainState:
 
 def make_train_step(
     graphdef, tx: optax.GradientTransformation, *, aux_weight: float, z_weight: float,
-    mtp_weight: float = 0.0, state_sharding=None, batch_sharding=None,
+    mtp_weight: float = 0.0, state_sharding=None, batch_sharding=None, frozen_sharding=None,
 ) -> Callable:
     """jitted, donating (state, batch) -> (state, metrics). `batch` fields are [A, B/A, T]
-    (the `mtp_*` fields [A, B/A, T, depth] when training multi-token prediction)."""
+    (the `mtp_*` fields [A, B/A, T, depth] when training multi-token prediction).
 
-    def objective(params, micro: Batch, norms, n_micro):
+    With `frozen_sharding` (LoRA: the base parameters' shardings) the step is
+    (state, batch, frozen) -> (state, metrics): `state.params` are what trains (the adapters)
+    and `frozen` the rest of the model, read but never differentiated nor updated."""
+
+    def objective(params, micro: Batch, norms, n_micro, frozen=()):
         total, metrics = loss_fn(
-            nnx.merge(graphdef, params), micro, aux_weight=aux_weight / n_micro,
+            nnx.merge(graphdef, params, *frozen), micro, aux_weight=aux_weight / n_micro,
             z_weight=z_weight / n_micro, token_norm=norms[0], mtp_weight=mtp_weight,
             mtp_norm=norms[1],
         )
@@ -88,7 +92,7 @@ def make_train_step(
 
     grad_fn = jax.value_and_grad(objective, has_aux=True)
 
-    def step(state: TrainState, batch: Batch):
+    def step(state: TrainState, batch: Batch, *frozen):
         n_micro = batch.input_ids.shape[0]
         token_norm = jnp.sum(batch.loss_mask)
         # Each MTP depth's loss is normalised by that depth's count over the whole batch.
@@ -96,13 +100,13 @@ def make_train_step(
         norms = (token_norm, mtp_norm)
 
         def accumulate(acc, micro):
-            (total, metrics), grads = grad_fn(state.params, micro, norms, n_micro)
+            (total, metrics), grads = grad_fn(state.params, micro, norms, n_micro, frozen)
             return jax.tree.map(jnp.add, acc, (total, metrics, grads)), None
 
         zeros = jax.tree.map(
             jnp.zeros_like,
             jax.eval_shape(lambda: grad_fn(state.params, jax.tree.map(lambda x: x[0], batch),
-                                           norms, n_micro)),
+                                           norms, n_micro, frozen)),
         )
         zeros = (zeros[0][0], zeros[0][1], zeros[1])
         (total, metrics, grads), _ = jax.lax.scan(accumulate, zeros, batch)
@@ -128,6 +132,7 @@ def make_train_step(
 
     shardings = {}
     if state_sharding is not None:
-        shardings = {"in_shardings": (state_sharding, batch_sharding),
+        frozen = () if frozen_sharding is None else (frozen_sharding,)
+        shardings = {"in_shardings": (state_sharding, batch_sharding, *frozen),
                      "out_shardings": (state_sharding, None)}
     return jax.jit(step, donate_argnums=0, **shardings)
