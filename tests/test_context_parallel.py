@@ -58,8 +58,9 @@ def test_context_parallel_equals_one_device(name, shape, layout):
     mesh = qwenjax.make_mesh(shape, jax.devices()[: int(np.prod(list(shape.values())))])
     n = mesh.shape["context"]
     spec = PartitionSpec(logical_to_spec(("batch",), None, mesh)[0], "context")
-    laid = Batch(*(jax.device_put(to_layout(np.asarray(x), n, layout), NamedSharding(mesh, spec))
-                   for x in batch))
+    laid = jax.tree.map(
+        lambda x: jax.device_put(to_layout(np.asarray(x), n, layout), NamedSharding(mesh, spec)),
+        batch)
     sharded = jax.device_put(params, state_shardings(params, mesh))
     with activate(mesh, None, layout):
         model = nnx.merge(graphdef, sharded)

@@ -1,8 +1,9 @@
 """Real memory (peak RSS of the process, not XLA's plan) of long-context attention.
 
 Each measurement runs in a fresh subprocess (`tools/bench_ring_memory.py`). Linear memory means
-each doubling of T adds at most ~1.2x per token what the previous doubling added per token
-(growth_ratio <= 1.2); memory that follows the computed block pairs (T^2) gives ~2.
+each doubling of T adds about what the previous doubling added per token (growth_ratio ~1;
+measured 0.76 on a quiet machine, up to 1.34 with the other test worker compiling beside it);
+memory that follows the computed block pairs (T^2) gives ~2. Bound: 1.5.
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ sys.path.insert(0, str(TOOLS))
 import bench_ring_memory
 
 LENGTHS = [16384, 32768, 65536]
+# Peak RSS moves by ~10 MB between runs against 30-85 MB increments, so a linear memory reads
+# 0.76-1.34; a T^2 one reads ~2 both times. (1.2 failed twice under a loaded machine.)
+GROWTH_BOUND = 1.5
 
 
 def _env_without_device_count():
@@ -39,13 +43,13 @@ def test_attention_memory_is_linear_in_length(monkeypatch, kind, backward, dim):
     for key, value in _env_without_device_count().items():
         monkeypatch.setenv(key, value)
     report = bench_ring_memory.measure(kind, LENGTHS, dim=dim, backward=backward)
-    if report["growth_ratio"][0] > 1.2:
+    if report["growth_ratio"][0] > GROWTH_BOUND:
         # Each length's peak RSS moves by ~10 MB between runs on a loaded machine, against
         # ~30-80 MB increments (seen once: 78/110/192 MB -> 1.28; quiet: 71/120/194 -> 0.76).
         # One fresh measurement; memory that follows T^2 would fail both (ratio ~2).
         report = bench_ring_memory.measure(kind, LENGTHS, dim=dim, backward=backward)
     rows = report["rows"]
-    assert report["growth_ratio"][0] <= 1.2, rows
+    assert report["growth_ratio"][0] <= GROWTH_BOUND, rows
     # and the run adds little beyond the compiled plan (devices' inputs, outputs, temporaries)
     assert rows[-1]["run_mb"] < 600, rows
 
