@@ -36,13 +36,12 @@ from flax import nnx
 
 from qwenjax.errors import GenerationError
 from qwenjax.infer.cache import KV_AXES, init_cache, logits_of
-from qwenjax.infer.sampling import Sampling, filter_logits
+from qwenjax.infer.generate import NO_TOKEN, _is_stop
+from qwenjax.infer.sampling import Sampling, filter_logits, sample
 from qwenjax.model.attention import KVCache
 from qwenjax.model.sequence_ops import global_tail, to_context_layout
 from qwenjax.model.transformer import Cache, CausalLM
 from qwenjax.sharding import constrain, context_parallel
-
-NO_TOKEN = -1
 
 
 def init_mtp_cache(model: CausalLM, batch: int, slots: int) -> Cache:
@@ -156,8 +155,7 @@ def speculative_decode(graphdef, params, ids, positions, segs, stops, key, sampl
     mcache = init_mtp_cache(model, B, slots)
     logits, last_h, cache, mcache = _prefill(model, cache, mcache, ids, positions, segs, chunk)
     k0, key = jax.random.split(key)
-    first = (jnp.argmax(logits, -1).astype(jnp.int32) if greedy
-             else jax.random.categorical(k0, filter_logits(logits, sampling), axis=-1).astype(jnp.int32))
+    first = sample(logits, k0, sampling, greedy)
     lengths = jnp.sum(segs > 0, axis=1).astype(jnp.int32)
     out = jnp.full((B, steps + D + 1), NO_TOKEN, jnp.int32).at[:, 0].set(first)
     done = _is_stop(first, stops)
@@ -189,9 +187,7 @@ def speculative_decode(graphdef, params, ids, positions, segs, stops, key, sampl
                 g = gk[:, 0]
             lg = logits_of(model, g)
             kd, sub = jax.random.split(kd)
-            d = (jnp.argmax(lg, -1) if greedy
-                 else jax.random.categorical(sub, filter_logits(lg, sampling), axis=-1))
-            drafts.append(d.astype(jnp.int32))
+            drafts.append(sample(lg, sub, sampling, greedy))
             draft_logits.append(lg)
         mcache = rewind(mcache, m0 + count)
         drafts = jnp.stack(drafts, axis=1)  # [B,D]
@@ -210,8 +206,7 @@ def speculative_decode(graphdef, params, ids, positions, segs, stops, key, sampl
         emit = jnp.where(j[None] < a, padded, nxt[:, None])  # d_1 .. d_a, next
         emit = jnp.where(c["done"][:, None], NO_TOKEN, emit)
         out = jax.lax.dynamic_update_slice(c["out"], emit, (0, emitted))
-        stopped = jnp.any(_is_stop(emit.reshape(-1), stops.repeat(D + 1, 0)).reshape(B, D + 1)
-                          & (j[None] <= a), axis=1)
+        stopped = jnp.any(jax.vmap(_is_stop, (1, None), 1)(emit, stops) & (j[None] <= a), axis=1)
         # 5. keep the accepted prefix
         cache = keep_states(rewind(cache, m_len + a + 1), hists, a)
         return {"x": nxt, "count": a + 1, "emitted": emitted + a + 1, "rounds": c["rounds"] + 1,
@@ -224,9 +219,6 @@ def speculative_decode(graphdef, params, ids, positions, segs, stops, key, sampl
     out = jnp.where(jnp.arange(steps + D + 1)[None] < c["emitted"], c["out"], NO_TOKEN)
     return out[:, :steps], c["rounds"], c["emitted"]
 
-
-def _is_stop(tokens, stops):
-    return jnp.any((tokens[:, None] == stops) & (stops >= 0), axis=-1)
 
 
 def check_speculative(model: CausalLM, depth) -> int:

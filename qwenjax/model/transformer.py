@@ -336,6 +336,19 @@ class CausalLM(nnx.Module):
         h, stats = self.mtp(depth, embeddings, hidden, inputs)
         return constrain(h, ACT_BTD), stats
 
+    def _cache_inputs(self, cache: Cache, positions, segment_ids, fresh: bool):
+        """New tokens' slots (written from `cache.length` on) and layer inputs, for `extend`
+        and `mtp_extend`."""
+        start = (0, cache.length)
+        slots = CacheSlots(
+            cache.length,
+            jax.lax.dynamic_update_slice(cache.positions, positions, start),
+            jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids, start),
+            fresh,
+        )
+        cos, sin = rope_tables(self.config, positions, jnp.dtype(self.config.runtime.dtype))
+        return slots, LayerInputs(cos, sin, positions, segment_ids, segment_ids > 0)
+
     def extend(self, input_ids, cache: Cache, *, positions, segment_ids, fresh: bool = False,
                history: bool = False):
         """Run T new tokens after the `cache.length` slots already in `cache`.
@@ -355,15 +368,7 @@ class CausalLM(nnx.Module):
         """
         dtype = jnp.dtype(self.config.runtime.dtype)
         positions, segment_ids = positions.astype(jnp.int32), segment_ids.astype(jnp.int32)
-        start = (0, cache.length)
-        slots = CacheSlots(
-            cache.length,
-            jax.lax.dynamic_update_slice(cache.positions, positions, start),
-            jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids, start),
-            fresh,
-        )
-        cos, sin = rope_tables(self.config, positions, dtype)
-        inputs = LayerInputs(cos, sin, positions, segment_ids, segment_ids > 0)
+        slots, inputs = self._cache_inputs(cache, positions, segment_ids, fresh)
         x = self.embed[...][input_ids].astype(dtype)
         if fresh:  # a whole prompt: token-parallel work split over the mesh as in training
             x = constrain(x, ACT_BTD)
@@ -388,15 +393,7 @@ class CausalLM(nnx.Module):
         (an empty cache and a whole prompt in the token layout)."""
         dtype = jnp.dtype(self.config.runtime.dtype)
         positions, segment_ids = positions.astype(jnp.int32), segment_ids.astype(jnp.int32)
-        start = (0, cache.length)
-        slots = CacheSlots(
-            cache.length,
-            jax.lax.dynamic_update_slice(cache.positions, positions, start),
-            jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids, start),
-            fresh,
-        )
-        cos, sin = rope_tables(self.config, positions, dtype)
-        inputs = LayerInputs(cos, sin, positions, segment_ids, segment_ids > 0)
+        slots, inputs = self._cache_inputs(cache, positions, segment_ids, fresh)
         embeddings = self.embed[...][input_ids].astype(dtype)
         layers, outs = list(cache.layers), []
         for depth in depths:
