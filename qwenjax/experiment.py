@@ -155,17 +155,20 @@ class LoRAConfig:
 
     rank: int = 0
     alpha: float = 16.0  # the update is (alpha / rank) * A @ B, as PEFT's lora_alpha
-    dropout: float = 0.0  # adapters are folded into the weights: only 0 is supported
+    dropout: float = 0.0  # PEFT's lora_dropout on the adapter input (training only)
     targets: list[str] = field(default_factory=lambda: ["q", "k", "v", "o"])
     init: str = ""  # a PEFT adapter directory to start from (its rank/alpha/targets must match)
 
     def __post_init__(self):
         if self.rank < 0:
             raise ConfigError(f"lora.rank must be >= 0 (0 = off), got {self.rank}")
-        if self.dropout != 0.0:
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+        if self.dropout and "experts" in self.targets:
             raise ConfigError(
-                f"lora.dropout {self.dropout}: only 0 is supported (adapters are folded into "
-                "the weights inside the layer scan, where input dropout has no form)")
+                f"lora.dropout {self.dropout} with expert adapters: routed experts take no "
+                "dropout (nor does PEFT for fused expert parameters); set lora.dropout: 0.0 or "
+                "drop 'experts' from lora.targets")
         bad = [t for t in self.targets if t not in LORA_TARGETS and t not in LORA_HF_MODULES]
         if bad or (self.rank and not self.targets):
             raise ConfigError(f"lora.targets {self.targets!r}: each must be one of "

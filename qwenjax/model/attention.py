@@ -21,6 +21,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from qwenjax.config import ModelConfig
 from qwenjax.model.layers import apply_rope, make_param, rms_norm
+from qwenjax.model.lora import dropout_branch
 from qwenjax.model.sequence_ops import cached_attention, causal_attention
 
 
@@ -66,18 +67,21 @@ class Attention(nnx.Module):
             if cfg.qkv_bias:
                 self.gate_bias = make_param(rngs, (H, Dh), ("heads", "head_dim"), pd, "zeros")
 
-    def _project(self, x, kernel, bias_name):
+    def _project(self, x, name):
+        """x [B,T,D] -> [B,T,heads,Dh] through `name`_kernel (and its bias)."""
+        kernel = getattr(self, name + "_kernel")
         y = jnp.einsum("btd,dhk->bthk", x, kernel[...].astype(x.dtype))
+        y = dropout_branch(y, x, self, name + "_kernel")
         if self.cfg.qkv_bias:
-            y = y + getattr(self, bias_name)[...].astype(x.dtype)
+            y = y + getattr(self, name + "_bias")[...].astype(x.dtype)
         return y
 
     def _qkv(self, x, cos, sin):
         """x [B,T,D] -> q [B,T,H,Dh], k, v [B,T,K,Dh], normalised and rotated."""
         cfg = self.cfg
-        q = self._project(x, self.q_kernel, "q_bias")
-        k = self._project(x, self.k_kernel, "k_bias")
-        v = self._project(x, self.v_kernel, "v_bias")
+        q = self._project(x, "q")
+        k = self._project(x, "k")
+        v = self._project(x, "v")
         if cfg.qk_norm:
             q = rms_norm(q, self.q_norm[...], cfg.rms_norm_eps, cfg.norm_zero_centered)
             k = rms_norm(k, self.k_norm[...], cfg.rms_norm_eps, cfg.norm_zero_centered)
@@ -87,10 +91,11 @@ class Attention(nnx.Module):
         """Attention output o [B,T,H,Dh] (gated by x [B,T,D] if configured) -> [B,T,D]."""
         cfg = self.cfg
         if cfg.attention_output_gate:
-            gate = self._project(x, self.gate_kernel, "gate_bias")
+            gate = self._project(x, "gate")
             o = o * jax.nn.sigmoid(gate)
         o = checkpoint_name(o, "attn_out")
         out = jnp.einsum("bthk,hkd->btd", o, self.o_kernel[...].astype(x.dtype))
+        out = dropout_branch(out, o, self, "o_kernel")
         if cfg.o_bias:
             out = out + self.o_bias[...].astype(x.dtype)
         return out

@@ -26,6 +26,7 @@ from flax import nnx
 
 from qwenjax.config import ModelConfig
 from qwenjax.model.layers import make_param
+from qwenjax.model.lora import dropout_branch
 from qwenjax.model.sequence_ops import conv, delta_rule, global_tail
 from qwenjax.ops.delta_rule import causal_conv, delta_rule_chunked, delta_rule_step
 
@@ -68,12 +69,12 @@ class GatedDeltaNet(nnx.Module):
         dt = x.dtype
         c = lambda p: p[...].astype(dt)
         x = x * valid[:, :, None].astype(dt)  # padding contributes nothing, as in transformers
-        q = jnp.einsum("btd,dhk->bthk", x, c(self.q_kernel))
-        k = jnp.einsum("btd,dhk->bthk", x, c(self.k_kernel))
-        v = jnp.einsum("btd,dhk->bthk", x, c(self.v_kernel))
-        z = jnp.einsum("btd,dhk->bthk", x, c(self.z_kernel))
-        b = jnp.einsum("btd,dh->bth", x, c(self.b_kernel))
-        a = jnp.einsum("btd,dh->bth", x, c(self.a_kernel))
+        def project(name, eq):
+            y = jnp.einsum(eq, x, c(getattr(self, name + "_kernel")))
+            return dropout_branch(y, x, self, name + "_kernel")
+
+        q, k, v, z = (project(n, "btd,dhk->bthk") for n in "qkvz")
+        b, a = project("b", "btd,dh->bth"), project("a", "btd,dh->bth")
         beta = jax.nn.sigmoid(b)
         g = -jnp.exp(self.A_log[...].astype(F32)) * jax.nn.softplus(
             a.astype(F32) + self.dt_bias[...].astype(F32)
@@ -88,7 +89,8 @@ class GatedDeltaNet(nnx.Module):
         of = of * jax.lax.rsqrt(jnp.mean(of * of, axis=-1, keepdims=True) + self.cfg.rms_norm_eps)
         o = self.norm[...].astype(dt) * of.astype(dt)
         o = (o.astype(F32) * jax.nn.silu(z.astype(F32))).astype(dt)
-        return jnp.einsum("bthk,hkd->btd", o, self.out_kernel[...].astype(dt))
+        out = jnp.einsum("bthk,hkd->btd", o, self.out_kernel[...].astype(dt))
+        return dropout_branch(out, o, self, "out_kernel")
 
     def _mix(self, q, k, v, g, beta, segment_ids, initial_state=None):
         """Pre-conv q, k, v over a whole sequence: causal conv + SiLU, key heads repeated to the

@@ -13,15 +13,26 @@ The fold runs inside the layer scan on one layer's slice of the stacks (`fold_lo
 the adapted weight exists for one layer at a time, like the compute-dtype cast of W. Folding
 costs r * |W| multiply-adds per layer and step, small next to the T * |W| of the matmul, and
 keeps every layer's code unaware of adapters; gradients reach A and B through the sum.
-Dropout on the adapter input has no folded form, so `lora.dropout` must be 0 here.
+
+Dropout on the adapter input (PEFT's `lora_dropout`: W x + scale * B A drop(x)) has no folded
+form, so in training with `lora.dropout` > 0 each projection adds what the fold got wrong:
+`dropout_branch(y, x, ...)` = y + scale * ((drop(x) - x) @ A) @ B, two rank-r products, with one
+mask per adapter (A) and layer, so kernels sharing an A (Qwen3.5's q_proj -> q and gate) see the
+same dropped input, as PEFT's one module does. Routed experts take no dropout (neither does
+PEFT's ParamWrapper for fused expert parameters); the config refuses the combination.
 
 Dimension letters: r rank, L layers, E experts.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
+import zlib
+from dataclasses import dataclass, field
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -43,14 +54,47 @@ def adapted(module: nnx.Module) -> list[tuple[str, str, float, int]]:
     return out
 
 
-def fold_lora(block: nnx.Module, *, stacked: bool = False, remove: bool = False) -> None:
+@dataclass
+class _Dropout:
+    key: jax.Array  # this forward's key (one per step and micro-batch)
+    rate: float
+    modules: dict = field(default_factory=dict)  # id(module) -> that module's key in this layer
+
+
+_DROPOUT: contextvars.ContextVar[_Dropout | None] = contextvars.ContextVar("lora_dropout",
+                                                                          default=None)
+
+
+@contextlib.contextmanager
+def adapter_dropout(key, rate: float):
+    """Within: the forward being traced drops adapter inputs at `rate` (training only)."""
+    token = _DROPOUT.set(_Dropout(key, rate) if rate > 0 else None)
+    try:
+        yield
+    finally:
+        _DROPOUT.reset(token)
+
+
+def _salt(name: str) -> int:
+    return zlib.crc32(name.encode()) & 0x7FFFFFFF
+
+
+def fold_lora(block: nnx.Module, *, stacked: bool = False, remove: bool = False,
+              layer=None) -> None:
     """Replace, in place, every adapted kernel of `block` by W + scale * A @ B. Inside the layer
     scan (one layer's slice, `stacked=False`) the sum is fp32 and layers cast it to the compute
     dtype as they do W. `stacked=True` folds a whole model's stacks (`layers` leading) and keeps
-    W's dtype; `remove` then deletes the adapters (a merged model, as `transformers` has it)."""
-    for _, module in list(nnx.iter_graph(block)):
+    W's dtype; `remove` then deletes the adapters (a merged model, as `transformers` has it).
+    `layer` (the block's traced layer index) keys adapter dropout, when active, per layer and
+    module path."""
+    dropout = _DROPOUT.get()
+    for path, module in list(nnx.iter_graph(block)):
         if not isinstance(module, nnx.Module):
             continue
+        if dropout is not None and layer is not None and adapted(module):
+            key = jax.random.fold_in(dropout.key, layer)
+            dropout.modules[id(module)] = jax.random.fold_in(
+                key, _salt("/".join(map(str, path))))
         for kernel, a_name, scale, lead in adapted(module):
             w = getattr(module, kernel)
             a, b = getattr(module, a_name)[...], getattr(module, kernel + SUFFIX_B)[...]
@@ -62,6 +106,33 @@ def fold_lora(block: nnx.Module, *, stacked: bool = False, remove: bool = False)
         if remove:
             for name in [n for n, v in vars(module).items() if isinstance(v, LoRAParam)]:
                 delattr(module, name)
+
+
+def module_key(module: nnx.Module):
+    """`module`'s dropout key in the layer being traced (None when dropout is off)."""
+    dropout = _DROPOUT.get()
+    return None if dropout is None else dropout.modules.get(id(module))
+
+
+def dropout_mask(key, a_name: str, shape, rate: float):
+    """The keep mask adapter `a_name` applies to its input (True = kept)."""
+    return jax.random.bernoulli(jax.random.fold_in(key, _salt(a_name)), 1.0 - rate, shape)
+
+
+def dropout_branch(y, x, module: nnx.Module, kernel: str):
+    """y = x @ W' of an adapted projection (W' folded), plus scale * ((drop(x) - x) @ A) @ B when
+    adapter dropout is active, so the sum is PEFT's x W + scale * drop(x) A B. x [..., *in] and
+    y [..., *out] share their leading dims; without dropout or adapter, y as it is."""
+    dropout = _DROPOUT.get()
+    b = getattr(module, kernel + SUFFIX_B, None)
+    if dropout is None or b is None or id(module) not in dropout.modules:
+        return y
+    a_name, scale = b.get_metadata("lora_a"), float(b.get_metadata("scale"))
+    a = getattr(module, a_name)[...].astype(x.dtype)
+    keep = dropout_mask(dropout.modules[id(module)], a_name, x.shape, dropout.rate)
+    diff = jnp.where(keep, x / (1.0 - dropout.rate), 0).astype(x.dtype) - x
+    u = jnp.tensordot(diff, a, a.ndim - 1)  # [..., r]
+    return y + (scale * jnp.tensordot(u, b[...].astype(x.dtype), 1)).astype(y.dtype)
 
 
 def contract(a, b, lead: int):

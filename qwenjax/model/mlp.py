@@ -12,8 +12,9 @@ from flax import nnx
 from qwenjax.config import ModelConfig
 from qwenjax.model import hooks
 from qwenjax.model.layers import make_param
+from qwenjax.model.lora import dropout_branch
 from qwenjax.ops.expert_parallel import expert_parallel_ffn, single_device_mesh
-from qwenjax.ops.moe_dispatch import grouped_ffn, route, router_stats, swiglu
+from qwenjax.ops.moe_dispatch import grouped_ffn, route, router_stats
 from qwenjax.sharding import current_mesh, mesh_axes
 
 F32 = jnp.float32
@@ -27,8 +28,13 @@ class MLP(nnx.Module):
         self.down_kernel = make_param(rngs, (width, D), ("mlp", "embed"), pd)
 
     def __call__(self, x):
+        """x [..., D] -> [..., D]: SwiGLU (with adapter dropout when training with it)."""
         c = lambda p: p[...].astype(x.dtype)
-        return swiglu(x, c(self.gate_kernel), c(self.up_kernel), c(self.down_kernel))
+        w = (c(self.gate_kernel), c(self.up_kernel), c(self.down_kernel))  # swiglu, written out
+        gate = dropout_branch(x @ w[0], x, self, "gate_kernel")
+        up = dropout_branch(x @ w[1], x, self, "up_kernel")
+        h = jax.nn.silu(gate) * up
+        return dropout_branch(h @ w[2], h, self, "down_kernel")
 
 
 class MoE(nnx.Module):

@@ -222,7 +222,8 @@ class LayerStack(nnx.Module):
             inputs = LayerInputs(cos, sin, positions, segment_ids, tokens.valid)
             bufs = dict(bufs)
             block = nnx.merge(graphdef, block_params)
-            fold_lora(block)  # adapters, if any, added to their kernels for this layer
+            # Adapters, if any, added to their kernels for this layer (keyed for dropout).
+            fold_lora(block, layer=self.first_layer + repeat * self.period)
             with hooks.frame(self.first_layer, self.period, self.repeats, repeat, bufs):
                 h, stats = block(h, inputs)
             h = constrain(h, ACT_BTD)

@@ -116,6 +116,7 @@ def lower_train_step(exp: ExperimentConfig, cfg: ModelConfig, mesh: Mesh, rules:
         mtp_weight=exp.mtp.weight if exp.mtp.depth else 0.0,
         state_sharding=state_sharding, batch_sharding=sharding,
         frozen_sharding=jax.tree.map(lambda x: x.sharding, frozen[0]) if frozen else None,
+        lora_dropout=exp.lora.dropout if exp.lora.rank else 0.0, seed=exp.seed,
     )
     with activate(mesh, exp.mesh.rules, exp.mesh.context_layout, exp.runtime.platform):
         return step.lower(state, batch, *frozen), state

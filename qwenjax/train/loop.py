@@ -281,6 +281,7 @@ def _run(exp, run_dir, cfg, mesh, rules, tokenizer, primary, overwrite_export) -
         mtp_weight=exp.mtp.weight if exp.mtp.depth else 0.0, state_sharding=state_sharding,
         batch_sharding=batch_sharding,
         frozen_sharding=jax.tree.map(lambda x: x.sharding, frozen[0]) if frozen else None,
+        lora_dropout=exp.lora.dropout if exp.lora.rank else 0.0, seed=exp.seed,
     )
     schedule = learning_rate(exp.optimizer, exp.steps)
     flops_tok = flops_per_token(cfg, exp.data.seq_len)

@@ -19,6 +19,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from qwenjax.model.lora import adapter_dropout
 from qwenjax.model.transformer import CausalLM
 from qwenjax.sharding import logical_to_spec
 from qwenjax.train.loss import Batch, loss_fn
@@ -74,20 +75,24 @@ def init_train_state(params, tx: optax.GradientTransformation) -> TrainState:
 def make_train_step(
     graphdef, tx: optax.GradientTransformation, *, aux_weight: float, z_weight: float,
     mtp_weight: float = 0.0, state_sharding=None, batch_sharding=None, frozen_sharding=None,
+    lora_dropout: float = 0.0, seed: int = 0,
 ) -> Callable:
     """jitted, donating (state, batch) -> (state, metrics). `batch` fields are [A, B/A, T]
     (the `mtp_*` fields [A, B/A, T, depth] when training multi-token prediction).
 
     With `frozen_sharding` (LoRA: the base parameters' shardings) the step is
     (state, batch, frozen) -> (state, metrics): `state.params` are what trains (the adapters)
-    and `frozen` the rest of the model, read but never differentiated nor updated."""
+    and `frozen` the rest of the model, read but never differentiated nor updated.
+    `lora_dropout` > 0 drops adapter inputs (model/lora.py), keyed by `seed`, the step and the
+    micro-batch, so a resumed run draws the same masks."""
 
-    def objective(params, micro: Batch, norms, n_micro, frozen=()):
-        total, metrics = loss_fn(
-            nnx.merge(graphdef, params, *frozen), micro, aux_weight=aux_weight / n_micro,
-            z_weight=z_weight / n_micro, token_norm=norms[0], mtp_weight=mtp_weight,
-            mtp_norm=norms[1],
-        )
+    def objective(params, micro: Batch, norms, n_micro, frozen=(), key=None):
+        with adapter_dropout(key, lora_dropout):
+            total, metrics = loss_fn(
+                nnx.merge(graphdef, params, *frozen), micro, aux_weight=aux_weight / n_micro,
+                z_weight=z_weight / n_micro, token_norm=norms[0], mtp_weight=mtp_weight,
+                mtp_norm=norms[1],
+            )
         return total, metrics
 
     grad_fn = jax.value_and_grad(objective, has_aux=True)
@@ -99,17 +104,22 @@ def make_train_step(
         mtp_norm = None if batch.mtp_mask is None else jnp.sum(batch.mtp_mask, axis=(0, 1, 2))
         norms = (token_norm, mtp_norm)
 
-        def accumulate(acc, micro):
-            (total, metrics), grads = grad_fn(state.params, micro, norms, n_micro, frozen)
+        step_key = jax.random.fold_in(jax.random.key(seed), state.step)
+
+        def accumulate(acc, xs):
+            micro, index = xs
+            key = jax.random.fold_in(step_key, index)
+            (total, metrics), grads = grad_fn(state.params, micro, norms, n_micro, frozen, key)
             return jax.tree.map(jnp.add, acc, (total, metrics, grads)), None
 
         zeros = jax.tree.map(
             jnp.zeros_like,
             jax.eval_shape(lambda: grad_fn(state.params, jax.tree.map(lambda x: x[0], batch),
-                                           norms, n_micro, frozen)),
+                                           norms, n_micro, frozen, step_key)),
         )
         zeros = (zeros[0][0], zeros[0][1], zeros[1])
-        (total, metrics, grads), _ = jax.lax.scan(accumulate, zeros, batch)
+        micro_index = jnp.arange(n_micro, dtype=jnp.int32)
+        (total, metrics, grads), _ = jax.lax.scan(accumulate, zeros, (batch, micro_index))
         metrics = dict(metrics)
         for k in ("aux_loss", "z_loss", "expert_load_max", "expert_load_min", "dropped_fraction"):
             metrics[k] = metrics[k] / n_micro
