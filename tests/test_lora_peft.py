@@ -30,10 +30,11 @@ CASES = [  # (family, HF overrides, LoRA targets): one model of each family
     ("qwen2_moe", dict(hf_models.MOE, shared_expert_intermediate_size=48, decoder_sparse_step=2),
      ATTN_MLP),
     ("qwen3", {"head_dim": 16}, ATTN_MLP),
-    # PEFT 0.21 under transformers 5 maps gate/up/down_proj targets of Qwen3-MoE / Qwen3-Next
-    # models onto their fused experts (and skips dense and shared-expert MLPs): no MLP targets.
-    ("qwen3_moe", dict(hf_models.MOE, head_dim=16, mlp_only_layers=[1]), ["q", "k", "v", "o"]),
-    ("qwen3_next", dict(hf_models.HYBRID, **hf_models.HYBRID_MOE), ["q", "o"] + GDN_GROUPED),
+    # MoE models write MLP adapters as PEFT target_parameters (PEFT 0.21 reroutes gate/up/down_proj
+    # target_modules of Qwen3-MoE / Qwen3-Next onto the fused experts); experts: the other file.
+    ("qwen3_moe", dict(hf_models.MOE, head_dim=16, mlp_only_layers=[1]), ATTN_MLP),
+    ("qwen3_next", dict(hf_models.HYBRID, **hf_models.HYBRID_MOE),
+     ["q", "o", "gate", "up", "down"] + GDN_GROUPED),
     ("qwen3_5_text", dict(hf_models.HYBRID), ATTN_MLP + GDN_SPLIT),
     ("qwen3_5_moe_text", dict(hf_models.HYBRID, **hf_models.HYBRID_MOE), ["q", "o"] + GDN_SPLIT),
 ]

@@ -132,7 +132,7 @@ def test_lora_sft_run_from_the_command_line(tmp_path):
            "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
     cli = [sys.executable, "-m", "qwenjax.cli"]
     sets = ["data.source=sft", f"data.paths=[{data}]", "data.overlong=drop", "lora.rank=4",
-            "lora.targets=[q,v,o]", "steps=4", "log_every=2", "tokenizer.train_docs=41",
+            "lora.targets=[q,v,o,experts]", "steps=4", "log_every=2", "tokenizer.train_docs=41",
             "sample_tokens=0"]
     r = subprocess.run(cli + ["train", str(ROOT / "experiments/tiny_test.yaml"), "--run-dir",
                               str(run)] + [a for s in sets for a in ("--set", s)],
@@ -142,6 +142,7 @@ def test_lora_sft_run_from_the_command_line(tmp_path):
     assert metrics[-1]["sft_dropped"] == 1 and metrics[-1]["sft_examples"] == 40
     config = json.loads((run / "adapter" / "adapter_config.json").read_text())
     assert config["r"] == 4 and sorted(config["target_modules"]) == ["o_proj", "q_proj", "v_proj"]
+    assert config["target_parameters"] == ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
     r = subprocess.run(cli + ["export-hf", str(run), str(tmp_path / "ad"), "--adapter"],
                        capture_output=True, text=True, env=env, check=False)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -10,8 +10,14 @@ input dims row-major). B is split over the kernels the HF module feeds (q and ga
 in their own layouts; rather than a second set of layout maps, B goes through the weight's own
 `to_hf` / `to_ours`: laid into the first r input rows of zero kernels it becomes the first r
 columns of the HF weight, and back. So every layout the import/export table handles, adapters
-handle too. Routed experts are fused parameters in `transformers` 5 (not linear modules), which
-PEFT's `target_modules` cannot adapt: a model with expert adapters exports merged only.
+handle too.
+
+Routed experts are fused 3-D parameters in `transformers` 5, not linear modules: their adapters
+are computed here one linear per expert and written in PEFT's `target_parameters` form
+(hf/peft_experts.py, exact). In a MoE model the dense and shared-expert MLP adapters go under
+`target_parameters` too (`gate_proj.weight` ...: same tensors and names as a module target),
+because PEFT 0.21 reroutes `target_modules` gate/up/down_proj of Qwen3-MoE / Qwen3-Next models
+onto the fused experts and would leave those MLPs unadapted.
 """
 
 from __future__ import annotations
@@ -20,79 +26,106 @@ import json
 import math
 import os
 
+import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 from qwenjax.atomic import output_dir
 from qwenjax.errors import ConversionError
 from qwenjax.experiment import LoRAConfig
-from qwenjax.hf.names import TensorMap
+from qwenjax.hf.peft_experts import DOWN, GATE_UP, fuse_experts, split_experts
 from qwenjax.model.lora import SUFFIX_B
 from qwenjax.paths import as_path
 
 PREFIX = "base_model.model."
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+MLP = ("gate_proj", "up_proj", "down_proj")
 
 
-def _entries(model, lora: LoRAConfig) -> list[tuple[TensorMap, list[str]]]:
-    """Every adapted HF linear of `model` with its B variable names, one per layer."""
-    from qwenjax.train.lora import adapter_groups
+def _entries(model, lora: LoRAConfig) -> list[tuple]:
+    """Every adapted HF linear of `model`, one per layer (and expert): (table entry, the module
+    holding its adapter, A's name, B's names)."""
+    from qwenjax.train.lora import _module, adapter_groups
 
     out = []
     for group in adapter_groups(model.config, lora):
-        if ".experts." in group[0].hf_name:
-            raise ConversionError(
-                "expert adapters have no PEFT form (transformers keeps experts fused, which "
-                "PEFT's target_modules cannot adapt); export them merged (--merge)")
-        out += [(e, [t.param[-1] + SUFFIX_B for t in e.targets]) for e in group]
+        module = _module(model, group[0].targets[0].param[:-1])
+        b_names = [t.param[-1] + SUFFIX_B for t in group[0].targets]
+        a_name = getattr(module, b_names[0]).get_metadata("lora_a")
+        out += [(entry, module, a_name, b_names) for entry in group]
     return out
 
 
-def _vars(model, entry: TensorMap):
-    from qwenjax.train.lora import _module
+class _Arrays:
+    """fp32 numpy copies of adapter variables, made once each (a stack is read or filled entry by
+    entry), and written back together by `store`."""
 
-    module = _module(model, entry.targets[0].param[:-1])
-    a_name = next(v.get_metadata("lora_a") for n, v in vars(module).items()
-                  if n == entry.targets[0].param[-1] + SUFFIX_B)
-    return module, a_name
+    def __init__(self):
+        self.held = {}
+
+    def __call__(self, module, name: str) -> np.ndarray:
+        key = (id(module), name)
+        if key not in self.held:
+            self.held[key] = (module, name, np.array(getattr(module, name)[...], np.float32))
+        return self.held[key][2]
+
+    def store(self):
+        for module, name, a in self.held.values():
+            getattr(module, name).set_value(jnp.asarray(a))
 
 
-def adapter_tensors(model, lora: LoRAConfig) -> dict[str, np.ndarray]:
-    """PEFT tensor name -> fp32 array for every adapted linear of `model`."""
-    params = {p: v for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-    r = lora.rank
-    out = {}
-    for entry, b_names in _entries(model, lora):
-        module, a_name = _vars(model, entry)
-        (i,) = entry.targets[0].index
-        a = np.asarray(getattr(module, a_name)[...][i], np.float32)  # [*in, r]
+def _kernel_shape(module, t, index) -> tuple[int, ...]:
+    return getattr(module, t.param[-1])[...].shape[len(index):]
+
+
+def _linear_tensors(model, lora: LoRAConfig) -> dict[str, np.ndarray]:
+    """PEFT tensor name -> fp32 array, one A and B per HF linear (experts: one per expert)."""
+    r, arrays, out = lora.rank, _Arrays(), {}
+    for entry, module, a_name, b_names in _entries(model, lora):
+        index = entry.targets[0].index
+        a = arrays(module, a_name)[index]  # [*in, r]
         name = PREFIX + entry.hf_name[: -len(".weight")]
         out[name + ".lora_A.weight"] = np.ascontiguousarray(a.reshape(-1, r).T)
         kernels = []
         for t, b_name in zip(entry.targets, b_names):
-            shape = params[t.param][...].shape[1:]
-            b = np.asarray(getattr(module, b_name)[...][i], np.float32)  # [r, *out]
-            n_in = math.prod(shape) // math.prod(b.shape[1:])
-            k = np.zeros((n_in, math.prod(b.shape[1:])), np.float32)
+            shape = _kernel_shape(module, t, index)
+            b = arrays(module, b_name)[index]  # [r, *out]
+            k = np.zeros((math.prod(shape) // b[0].size, b[0].size), np.float32)
             k[:r] = b.reshape(r, -1)
             kernels.append(k.reshape(shape))
         out[name + ".lora_B.weight"] = np.ascontiguousarray(entry.to_hf(*kernels)[:, :r])
     return out
 
 
-def save_peft_adapter(model, out_dir: str | os.PathLike, lora: LoRAConfig, *,
-                      base_model: str = "", overwrite: bool = False, inputs=()) -> os.PathLike:
-    """Write `model`'s adapters as a PEFT LoRA adapter directory (qwenjax.atomic rules)."""
-    tensors = adapter_tensors(model, lora)
-    modules = sorted({n.split(".")[-3] for n in tensors})
+def _peft_config(names, lora: LoRAConfig, moe: bool, base_model: str) -> dict:
+    """adapter_config.json for the per-linear adapter tensors `names` of a (MoE or dense) model."""
+    modules = {n.split(".")[-3] for n in names if ".experts." not in n}
+    as_params = {m for m in modules if moe and m in MLP}
+    params = sorted(f"{m}.weight" for m in as_params)
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
         "r": lora.rank, "lora_alpha": lora.alpha, "lora_dropout": lora.dropout,
-        "target_modules": modules, "bias": "none", "fan_in_fan_out": False,
+        "target_modules": sorted(modules - as_params), "bias": "none", "fan_in_fan_out": False,
         "use_rslora": False, "use_dora": False, "init_lora_weights": True,
         "inference_mode": True, "modules_to_save": None,
     }
+    if any(".experts." in n for n in names):
+        params += [GATE_UP, DOWN]
+        config["rank_pattern"] = {GATE_UP: 2 * lora.rank}
+        config["alpha_pattern"] = {GATE_UP: 2 * lora.alpha}
+    if params:
+        config["target_parameters"] = params
+    return config
+
+
+def save_peft_adapter(model, out_dir: str | os.PathLike, lora: LoRAConfig, *,
+                      base_model: str = "", overwrite: bool = False, inputs=()) -> os.PathLike:
+    """Write `model`'s adapters as a PEFT LoRA adapter directory (qwenjax.atomic rules);
+    routed experts fused as PEFT holds them."""
+    linear = _linear_tensors(model, lora)
+    E = model.config.num_experts
+    tensors = fuse_experts(linear, E)
+    config = _peft_config(list(linear), lora, E > 0, base_model)
     with output_dir(as_path(out_dir), "peft-adapter", overwrite=overwrite, inputs=inputs) as tmp:
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
         (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
@@ -101,6 +134,11 @@ def save_peft_adapter(model, out_dir: str | os.PathLike, lora: LoRAConfig, *,
 
 def read_peft_config(adapter_dir: str | os.PathLike) -> LoRAConfig:
     """The LoRAConfig of a PEFT adapter directory (LoRA, no bias, no DoRA/rsLoRA)."""
+    return _read_config(adapter_dir)[0]
+
+
+def _read_config(adapter_dir) -> tuple[LoRAConfig, int]:
+    """(LoRAConfig, the experts' gate_up_proj rank: r or 2r; 0 without expert adapters)."""
     path = as_path(adapter_dir) / CONFIG
     if not path.is_file():
         raise ConversionError(f"{adapter_dir}: not a PEFT adapter directory (no {CONFIG})")
@@ -114,39 +152,70 @@ def read_peft_config(adapter_dir: str | os.PathLike) -> LoRAConfig:
     targets = c.get("target_modules") or []
     if isinstance(targets, str):
         raise ConversionError(f"{path}: target_modules as a regex is not supported")
-    return LoRAConfig(rank=int(c["r"]), alpha=float(c["lora_alpha"]), targets=list(targets))
+    targets = list(targets)
+    experts = set()
+    for p in c.get("target_parameters") or []:
+        leaf = p.split(".")[-1]
+        if leaf in ("gate_up_proj", "down_proj"):
+            experts.add(leaf)
+        elif leaf == "weight" and "." in p:
+            targets.append(p.split(".")[-2])
+        else:
+            raise ConversionError(f"{path}: target_parameters entry {p!r} is neither a linear's "
+                                  "'<module>.weight' nor the experts' gate_up_proj / down_proj")
+    if experts and len(experts) != 2:
+        raise ConversionError(f"{path}: target_parameters adapt only {sorted(experts)}; qwenjax "
+                              "adapts an expert's gate_up_proj and down_proj together")
+    r, alpha = int(c["r"]), float(c["lora_alpha"])
+    gate_up = (r, alpha) if experts else (0, 0.0)
+    for key in {*(c.get("rank_pattern") or {}), *(c.get("alpha_pattern") or {})}:
+        got = (int((c.get("rank_pattern") or {}).get(key, r)),
+               float((c.get("alpha_pattern") or {}).get(key, alpha)))
+        if experts and key.endswith("gate_up_proj"):
+            gate_up = got
+        elif got != (r, alpha):
+            raise ConversionError(f"{path}: rank_pattern / alpha_pattern {key!r} gives rank "
+                                  f"{got[0]}, alpha {got[1]}; qwenjax adapters share one rank "
+                                  "(only the experts' gate_up_proj may have 2r, 2*alpha)")
+    if experts and (gate_up[0] not in (r, 2 * r) or gate_up[1] / gate_up[0] != alpha / r):
+        raise ConversionError(f"{path}: the experts' gate_up_proj has rank {gate_up[0]}, alpha "
+                              f"{gate_up[1]}; qwenjax reads rank {r} or {2 * r} at scale "
+                              f"{alpha / r} (alpha / r)")
+    if experts:
+        targets.append("experts")
+    lora = LoRAConfig(rank=r, alpha=alpha, targets=list(dict.fromkeys(targets)))
+    return lora, gate_up[0]
 
 
 def load_peft_adapter(model, adapter_dir: str | os.PathLike, seed: int = 0) -> LoRAConfig:
     """Add the adapters of a PEFT directory to `model` (in place), every tensor checked."""
     from qwenjax.train.lora import add_adapters
 
-    lora = read_peft_config(adapter_dir)
+    lora, gate_up_rank = _read_config(adapter_dir)
     add_adapters(model, lora, seed)
     tensors = load_file(str(as_path(adapter_dir) / WEIGHTS))
-    want = set(adapter_tensors(model, lora))
+    if gate_up_rank:
+        tensors = split_experts(tensors, model.config.num_experts, lora.rank, gate_up_rank)
+    want = set(_linear_tensors(model, lora))
     missing, extra = sorted(want - set(tensors)), sorted(set(tensors) - want)
     if missing or extra:
         raise ConversionError(f"{adapter_dir}: missing adapter tensors {missing[:3]}, "
                               f"unexpected {extra[:3]}")
-    r = lora.rank
-    params = {p: v for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-    for entry, b_names in _entries(model, lora):
-        module, a_name = _vars(model, entry)
-        (i,) = entry.targets[0].index
+    r, arrays = lora.rank, _Arrays()
+    for entry, module, a_name, b_names in _entries(model, lora):
+        index = entry.targets[0].index
         name = PREFIX + entry.hf_name[: -len(".weight")]
         a_hf, b_hf = tensors[name + ".lora_A.weight"], tensors[name + ".lora_B.weight"]
-        a_var = getattr(module, a_name)
         if a_hf.shape != (r, entry.hf_shape[-1]) or b_hf.shape != (entry.hf_shape[0], r):
             raise ConversionError(f"{name}: lora_A {list(a_hf.shape)} / lora_B "
                                   f"{list(b_hf.shape)} do not fit rank {r} and {entry.hf_shape}")
-        a_var.set_value(a_var[...].at[i].set(a_hf.T.reshape(a_var[...].shape[1:])))
+        a = arrays(module, a_name)
+        a[index] = a_hf.T.reshape(a.shape[len(index):])
         w = np.zeros(entry.hf_shape, np.float32)
         w[:, :r] = b_hf
         for t, b_name in zip(entry.targets, b_names):
-            k = t.to_ours(w)
-            b_var = getattr(module, b_name)
-            n_in = math.prod(params[t.param][...].shape[1:]) // math.prod(b_var[...].shape[2:])
-            b = k.reshape(n_in, -1)[:r].reshape(b_var[...].shape[1:])
-            b_var.set_value(b_var[...].at[i].set(b))
+            b = arrays(module, b_name)
+            n_in = math.prod(_kernel_shape(module, t, index)) // math.prod(b.shape[len(index) + 1:])
+            b[index] = t.to_ours(w).reshape(n_in, -1)[:r].reshape(b.shape[len(index):])
+    arrays.store()
     return lora

@@ -37,15 +37,13 @@ def lora_model(model, exp: ExperimentConfig, mesh=None, rules=None):
 
 
 def export_lora_run(model, exp: ExperimentConfig, run_dir, tokenizer, overwrite: bool) -> dict:
-    """At the end of a LoRA run: run_dir/adapter (PEFT; when the targets have a PEFT form) and,
-    with export_hf, run_dir/hf with the adapters merged into the weights."""
+    """At the end of a LoRA run: run_dir/adapter (PEFT) and, with export_hf, run_dir/hf with the
+    adapters merged into the weights."""
     from qwenjax.hf.convert import save_pretrained
     from qwenjax.hf.peft import save_peft_adapter
 
-    out = {}
-    if "experts" not in exp.lora.targets:
-        out["adapter_dir"] = str(save_peft_adapter(model, as_path(run_dir) / "adapter", exp.lora,
-                                                   base_model=exp.init_from, overwrite=True))
+    out = {"adapter_dir": str(save_peft_adapter(model, as_path(run_dir) / "adapter", exp.lora,
+                                                base_model=exp.init_from, overwrite=True))}
     if exp.export_hf:
         merged = nnx.merge(*nnx.split(model))  # a copy: the caller keeps the adapters
         merge_adapters(merged)
