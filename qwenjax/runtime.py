@@ -43,7 +43,8 @@ class RuntimeConfig:
     # Causal self-attention over a whole sequence: "xla" (our blockwise flash kernel,
     # ops/attention.py), "splash" (the Pallas TPU kernel, ops/splash.py; interpret mode off
     # TPU); "auto" = splash on TPU where the shape allows (head_dim and length multiples of
-    # 128), else xla. Ring attention (context > 1) and cached decoding use ours.
+    # 128), else xla. With context > 1 it is the ring's per-step kernel (the local length
+    # T / context decides; ops/ring_splash.py); cached decoding uses ours.
     attention_impl: str = "auto"
     splash_block: int = 0  # splash's q / kv block; 0 = chosen per length and head dim
     # Which platform the kernels are built for: "auto" reads the platform of the mesh's devices

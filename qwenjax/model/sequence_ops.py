@@ -60,14 +60,18 @@ def causal_attention(q, k, v, positions, segment_ids, *, block: int, impl: str =
                                                   interpret=target_platform() != "tpu")
         return attention(q, k, v, q_pos=positions, kv_pos=positions, q_seg=segment_ids,
                          kv_seg=segment_ids, causal=True, block_q=block, block_kv=block)
-    mesh, _ = ctx
+    mesh, layout = ctx
     heads = _axes("act_heads", q.shape[2])
     if heads is not None and k.shape[2] % math.prod(mesh.shape[a] for a in heads):
         heads = None  # kv heads do not split as the query heads do: keep heads whole
+    # The ring's per-step kernel: splash where the local length allows (ops/ring_splash.py).
+    local = q.shape[1] // mesh.shape["context"]
+    kernel = attention_impl(impl, local, q.shape[3], splash_block)
     return ring_attention(
         q, k, v, mesh=mesh, causal=True, q_positions=positions, kv_positions=positions,
         q_segment_ids=segment_ids, kv_segment_ids=segment_ids, block_q=block, block_kv=block,
-        batch_axes=_axes("batch", q.shape[0]), head_axes=heads,
+        batch_axes=_axes("batch", q.shape[0]), head_axes=heads, kernel=kernel, layout=layout,
+        splash_block=splash_block, interpret=target_platform() != "tpu",
     )
 
 

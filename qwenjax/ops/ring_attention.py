@@ -39,6 +39,7 @@ from jax.sharding import PartitionSpec as P
 
 from qwenjax.ops.attention import attention_backward, attention_with_lse
 from qwenjax.ops.context_layout import LAYOUTS, from_layout, permutation, to_layout
+from qwenjax.ops.ring_splash import step_backward, step_forward, step_kernels
 
 __all__ = ["LAYOUTS", "from_layout", "ring_attention", "ring_block_counts", "to_layout"]
 
@@ -59,6 +60,15 @@ class _Ring:
     scale: float
     block_q: int
     block_kv: int
+    kernel: str = "xla"  # per-step kernel: ours (blockwise, by positions) or "splash"
+    layout: str = "zigzag"  # the token layout, which fixes splash's per-step masks
+    splash_block: int = 0
+    interpret: bool = False  # splash in Pallas interpret mode (off TPU)
+
+    def splash(self, t: int, heads: int, head_dim: int):
+        """(kernels, int [n, n] class table) of the splash step masks (ops/ring_splash.py)."""
+        return step_kernels(self.layout, self.n, t, heads, head_dim, self.splash_block,
+                            self.interpret)
 
     @property
     def n(self) -> int:
@@ -99,6 +109,10 @@ def ring_attention(
     scale: float | None = None,
     batch_axes: Axes = None,
     head_axes: Axes = None,
+    kernel: str = "xla",
+    layout: str = "zigzag",
+    splash_block: int = 0,
+    interpret: bool = False,
 ) -> jax.Array:
     """Exact attention of q [B,T,H,Dh] over k, v [B,T,K,Dh] with T sharded on `axis_name`.
 
@@ -107,6 +121,10 @@ def ring_attention(
     all one; kv positions / segment ids default to the query ones. `batch_axes` shards B and
     `head_axes` shards H (and K when it divides; otherwise k, v stay replicated over them).
     Works inside or outside `jax.jit`; returns [B,T,H,Dh] in q's dtype with q's sharding.
+
+    `kernel="splash"` runs each step with the Pallas splash kernel (ops/ring_splash.py; causal
+    only, tokens in `layout`, positions rising with the index inside each segment; `interpret`
+    off TPU); the default is our blockwise kernel, which masks by the positions given.
     """
     B, T, H, Dh = q.shape
     K = k.shape[2]
@@ -138,7 +156,13 @@ def ring_attention(
         scale=float(Dh**-0.5 if scale is None else scale),
         block_q=block_q,
         block_kv=block_kv,
+        kernel=kernel,
+        layout=layout,
+        splash_block=splash_block,
+        interpret=interpret,
     )
+    if kernel == "splash" and not causal:
+        raise ValueError("ring attention with the splash kernel is causal only")
     return _ring(q, k, v, q_pos, kv_pos, q_seg, kv_seg, cfg)
 
 
@@ -190,31 +214,51 @@ def _merge(acc, part):
 def _forward_shard(cfg: _Ring, H: int, K: int, q, k, v, q_pos, kv_pos, q_seg, kv_seg):
     """One device's forward: returns its output [B,t,Hl,Dh] and fp32 lse [B,t,Hl]."""
     k, v, _ = _local_kv_heads(cfg, q.shape[2], H, K, k, v)
+    splash, classes = _splash_steps(cfg, q)
 
-    def partial_attention(kv):
+    def partial_attention(kv, s):
         kb, vb, kp, ks = kv
+        cls = None if splash is None else classes[s, jax.lax.axis_index(cfg.axis)]
 
         def compute(_):
+            if splash is not None:
+                return step_forward(splash, cls, q, kb, vb, q_seg, ks, cfg.scale)
             return attention_with_lse(
                 q, kb, vb, q_pos=q_pos, kv_pos=kp, q_seg=q_seg, kv_seg=ks, causal=cfg.causal,
                 scale=cfg.scale, block_q=cfg.block_q, block_kv=cfg.block_kv,
             )  # fmt: skip
 
         def skip(_):
-            return jnp.zeros_like(q), jnp.full(q.shape[:3], -jnp.inf, F32)
+            dtype = F32 if splash is not None else q.dtype
+            return jnp.zeros(q.shape, dtype), jnp.full(q.shape[:3], -jnp.inf, F32)
 
-        return jax.lax.cond(_any_visible(q_pos, q_seg, kp, ks, cfg.causal), compute, skip, None)
+        return jax.lax.cond(_visible(q_pos, q_seg, kp, ks, cfg.causal, cls), compute, skip, None)
 
-    def step(carry, _):
+    def step(carry, s):
         kv, acc = carry
         kv_next = jax.lax.ppermute(kv, cfg.axis, cfg.perm())  # before compute: overlaps it
-        return (kv_next, _merge(acc, partial_attention(kv))), None
+        return (kv_next, _merge(acc, partial_attention(kv, s))), None
 
     acc = (jnp.zeros(q.shape, F32), jnp.full(q.shape[:3], -jnp.inf, F32))
     # n - 1 steps that pass kv on, then the last shard's step, which passes nothing.
-    (kv, acc), _ = jax.lax.scan(step, ((k, v, kv_pos, kv_seg), acc), length=cfg.n - 1)
-    o, lse = _merge(acc, partial_attention(kv))
+    steps = jnp.arange(cfg.n - 1, dtype=jnp.int32)
+    (kv, acc), _ = jax.lax.scan(step, ((k, v, kv_pos, kv_seg), acc), steps)
+    o, lse = _merge(acc, partial_attention(kv, cfg.n - 1))
     return o.astype(q.dtype), lse
+
+
+def _splash_steps(cfg: _Ring, q):
+    """(kernels, class table as a jnp array) with the splash kernel, else (None, None)."""
+    if cfg.kernel != "splash":
+        return None, None
+    kernels, classes = cfg.splash(q.shape[1], q.shape[2], q.shape[3])
+    return kernels, jnp.asarray(classes)
+
+
+def _visible(q_pos, q_seg, kv_pos, kv_seg, causal: bool, cls):
+    """Does this step have work: a visible pair by positions (and, with splash, a mask)?"""
+    seen = _any_visible(q_pos, q_seg, kv_pos, kv_seg, causal)
+    return seen if cls is None else seen & (cls >= 0)
 
 
 def _backward_shard(cfg: _Ring, H: int, K: int, q, k, v, q_pos, kv_pos, q_seg, kv_seg, o, lse, do):
@@ -222,11 +266,15 @@ def _backward_shard(cfg: _Ring, H: int, K: int, q, k, v, q_pos, kv_pos, q_seg, k
     k_full, v_full = k, v
     k, v, head0 = _local_kv_heads(cfg, q.shape[2], H, K, k, v)
     bq, bk = min(cfg.block_q, q.shape[1]), min(cfg.block_kv, k.shape[1])
+    splash, classes = _splash_steps(cfg, q)
 
-    def partial_grads(kv):
+    def partial_grads(kv, s):
         kb, vb, kp, ks = kv
+        cls = None if splash is None else classes[s, jax.lax.axis_index(cfg.axis)]
 
         def compute(_):
+            if splash is not None:
+                return step_backward(splash, cls, q, kb, vb, q_seg, ks, o, lse, do, cfg.scale)
             grads = attention_backward(
                 q, kb, vb, q_pos, kp, q_seg, ks, o, lse, do,
                 causal=cfg.causal, scale=cfg.scale, bq=bq, bk=bk,
@@ -236,22 +284,23 @@ def _backward_shard(cfg: _Ring, H: int, K: int, q, k, v, q_pos, kv_pos, q_seg, k
         def skip(_):
             return jnp.zeros(q.shape, F32), jnp.zeros(kb.shape, F32), jnp.zeros(vb.shape, F32)
 
-        return jax.lax.cond(_any_visible(q_pos, q_seg, kp, ks, cfg.causal), compute, skip, None)
+        return jax.lax.cond(_visible(q_pos, q_seg, kp, ks, cfg.causal, cls), compute, skip, None)
 
-    def step(carry, last: bool = False):
+    def step(carry, s, last: bool = False):
         # `dkv` holds the previous step's shard gradients; the device after us holds that shard
         # now, so both sends go out before the compute and only meet it at the sum afterwards.
         # (At step 0 this sends zeros: one spare hop, kept so the scan body is traced once.)
         kv, dq, dkv = carry
         kv_next = kv if last else jax.lax.ppermute(kv, cfg.axis, cfg.perm())
         dk_in, dv_in = jax.lax.ppermute(dkv, cfg.axis, cfg.perm())
-        g_q, g_k, g_v = partial_grads(kv)
+        g_q, g_k, g_v = partial_grads(kv, s)
         return kv_next, dq + g_q, (dk_in + g_k, dv_in + g_v)
 
     zeros_kv = jnp.zeros(k.shape, F32)
     carry = ((k, v, kv_pos, kv_seg), jnp.zeros(q.shape, F32), (zeros_kv, zeros_kv))
-    carry, _ = jax.lax.scan(lambda c, _: (step(c), None), carry, length=cfg.n - 1)
-    _, dq, (dk, dv) = step(carry, last=True)
+    steps = jnp.arange(cfg.n - 1, dtype=jnp.int32)
+    carry, _ = jax.lax.scan(lambda c, s: (step(c, s), None), carry, steps)
+    _, dq, (dk, dv) = step(carry, cfg.n - 1, last=True)
     dk, dv = jax.lax.ppermute((dk, dv), cfg.axis, cfg.perm())  # the final hop home
     if not cfg.kv_sharded and cfg.head_axes:
         # k, v were replicated over the head axes: place this device's kv heads, sum the rest.

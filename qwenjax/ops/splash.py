@@ -47,16 +47,23 @@ def pick_block(T: int, head_dim: int, block: int = 0) -> int | None:
     return None
 
 
+def block_sizes(block: int) -> sk.BlockSizes:
+    """One square block for the forward, dq and dkv passes."""
+    return sk.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
+                         block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
+                         block_q_dq=block, block_kv_dq=block)
+
+
 @functools.lru_cache(maxsize=64)
 def _kernel(T: int, H: int, block: int, interpret: bool):
     """The splash kernel of one causal [T, T] mask over H heads (built once per shape: the mask
     is processed into block tables in NumPy at trace time)."""
     mask = sm.MultiHeadMask([sm.CausalMask((T, T)) for _ in range(H)])
-    sizes = sk.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
-                          block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
-                          block_q_dq=block, block_kv_dq=block)
-    return sk.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
-                              interpret=interpret)
+    # Concrete block tables even when first built inside a trace: the cached kernel is reused
+    # by later traces (another jit, the backward), where a traced table would have leaked.
+    with jax.ensure_compile_time_eval():
+        return sk.make_splash_mha(mask, block_sizes=block_sizes(block), head_shards=1,
+                                  q_seq_shards=1, interpret=interpret)
 
 
 def splash_causal_attention(q, k, v, segment_ids, *, block: int = 0, interpret: bool = False):
