@@ -205,6 +205,7 @@ def _forward_shard(cfg: _Ring, H: int, K: int, q, k, v, q_pos, kv_pos, q_seg, kv
 
         return jax.lax.cond(_any_visible(q_pos, q_seg, kp, ks, cfg.causal), compute, skip, None)
 
+    @jax.named_scope("ring_step")
     def step(carry, _):
         kv, acc = carry
         kv_next = jax.lax.ppermute(kv, cfg.axis, cfg.perm())  # before compute: overlaps it
@@ -213,7 +214,8 @@ def _forward_shard(cfg: _Ring, H: int, K: int, q, k, v, q_pos, kv_pos, q_seg, kv
     acc = (jnp.zeros(q.shape, F32), jnp.full(q.shape[:3], -jnp.inf, F32))
     # n - 1 steps that pass kv on, then the last shard's step, which passes nothing.
     (kv, acc), _ = jax.lax.scan(step, ((k, v, kv_pos, kv_seg), acc), length=cfg.n - 1)
-    o, lse = _merge(acc, partial_attention(kv))
+    with jax.named_scope("ring_step"):
+        o, lse = _merge(acc, partial_attention(kv))
     return o.astype(q.dtype), lse
 
 
@@ -238,6 +240,7 @@ def _backward_shard(cfg: _Ring, H: int, K: int, q, k, v, q_pos, kv_pos, q_seg, k
 
         return jax.lax.cond(_any_visible(q_pos, q_seg, kp, ks, cfg.causal), compute, skip, None)
 
+    @jax.named_scope("ring_step")
     def step(carry, last: bool = False):
         # `dkv` holds the previous step's shard gradients; the device after us holds that shard
         # now, so both sends go out before the compute and only meet it at the sum afterwards.
