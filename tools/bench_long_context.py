@@ -13,6 +13,10 @@ log-sum-exp). Adds decode ms/token and the cache bytes held by one device.
     python tools/bench_long_context.py --preset qwen3.5-moe-tiny --lengths 32768,131072 \\
         [--dtype bfloat16 --attn-block 1024 --set hidden_size=512 ...] [--context 8]
     python tools/bench_long_context.py --cache --decode 16 --context 8 --lengths 65536
+
+`--attention-impl` is `runtime.attention_impl` (auto: splash on TPU where the shape allows, else
+our blockwise kernel; splash off TPU runs in Pallas interpret mode, slow). Each JSON line records
+the setting and the kernel the full-attention layers ran ("ring" with --context > 1).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ def main(argv=None):
     ap.add_argument("--lengths", default="8192,32768")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--attn-block", type=int, default=1024)
+    ap.add_argument("--attention-impl", default="auto", choices=["auto", "xla", "splash"])
     ap.add_argument("--context", type=int, default=1, help="simulated CPU devices on context")
     ap.add_argument("--set", action="append", default=[], help="model field=value (ints)")
     ap.add_argument("--repeats", type=int, default=2)
@@ -50,13 +55,16 @@ def main(argv=None):
     from jax.sharding import NamedSharding, PartitionSpec
 
     from qwenjax.config import load_preset
+    from qwenjax.errors import ConfigError
     from qwenjax.model.partition import init_sharded
+    from qwenjax.model.sequence_ops import attention_impl
     from qwenjax.ops.context_layout import to_layout
     from qwenjax.sharding import activate, make_mesh
 
     over = {k: int(v) for k, v in (s.split("=") for s in a.set)}
     cfg = load_preset(a.preset).replace(**over).with_runtime(
-        dtype=a.dtype, param_dtype=a.dtype, attn_block=a.attn_block)
+        dtype=a.dtype, param_dtype=a.dtype, attn_block=a.attn_block,
+        attention_impl=a.attention_impl)
     mesh = make_mesh({"context": a.context}) if a.context > 1 else None
     graphdef, params = init_sharded(cfg, mesh)
     from flax import nnx
@@ -67,12 +75,20 @@ def main(argv=None):
         ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (1, T)).astype(np.int32)
         pos = np.arange(T, dtype=np.int32)[None]
         scope = activate(mesh) if mesh is not None else contextlib.nullcontext()
+        # The kernel full attention runs, as `causal_attention` decides it (one clear line if
+        # splash cannot take the shape).
+        try:
+            kernel = "ring" if mesh is not None else attention_impl(
+                a.attention_impl, T, cfg.head_dim, cfg.runtime.splash_block)
+        except ConfigError as e:
+            raise SystemExit(f"bench_long_context: {e}") from None
+        impl = {"attention_impl": a.attention_impl, "attention_kernel": kernel}
         if a.cache:  # prefill takes the prompt in global order and lays it out itself
             with scope:
                 result = _time_cache(model, ids, a)
             print(json.dumps({"preset": a.preset, "overrides": over, "tokens": T,
                               "dtype": a.dtype, "device": jax.devices()[0].device_kind,
-                              "context": a.context, **result}), flush=True)
+                              "context": a.context, **impl, **result}), flush=True)
             continue
         if mesh is not None:
             spec = NamedSharding(mesh, PartitionSpec(None, "context"))
@@ -91,7 +107,7 @@ def main(argv=None):
         attn_flops = n_attn * 4 * T * T / 2 * cfg.num_heads * cfg.head_dim
         print(json.dumps({
             "preset": a.preset, "overrides": over, "tokens": T, "dtype": a.dtype,
-            "device": jax.devices()[0].device_kind, "context": a.context,
+            "device": jax.devices()[0].device_kind, "context": a.context, **impl,
             "seconds": round(s, 3), "tokens_per_s": round(T / s), "compile_s": round(compile_s, 1),
             "attention_tflops_per_s": round(attn_flops / s / 1e12, 2),
         }), flush=True)

@@ -21,6 +21,11 @@ is B*T / median step time. Prints one JSON line on stdout; progress goes to stde
 on a shared machine are noisy: compare `load_avg_1m` across runs.
 
     .venv/bin/python tools/bench_step.py [--batch 8 --seq 256 --iters 5 --preset qwen3-moe-tiny]
+        [--attention-impl auto|xla|splash --set head_dim=128 ...]
+
+`--attention-impl` is qwenjax's `runtime.attention_impl` (auto: splash on TPU where the shape
+allows, else our blockwise kernel; splash off TPU runs in Pallas interpret mode, slow, and needs
+head_dim and seq multiples of 128). The JSON records the setting and the kernel that ran.
 """
 
 from __future__ import annotations
@@ -43,6 +48,8 @@ import transformers
 from flax import nnx
 
 import qwenjax
+from qwenjax.errors import ConfigError
+from qwenjax.model.sequence_ops import attention_impl
 from qwenjax.train.loss import Batch, batch_from_tokens
 from qwenjax.train.metrics import flops_per_token, measure_peak_flops
 from qwenjax.train.step import make_forward, make_loss_and_grad, split_model
@@ -148,9 +155,18 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--preset", default="qwen3-moe-tiny")
     p.add_argument("--dtype", default="float32", choices=["float32"])
+    p.add_argument("--attention-impl", default="auto", choices=["auto", "xla", "splash"])
+    p.add_argument("--set", action="append", default=[], help="model field=value (ints)")
     args = p.parse_args()
 
-    cfg = qwenjax.load_preset(args.preset).with_runtime(dtype=args.dtype, param_dtype=args.dtype)
+    over = {k: int(v) for k, v in (s.split("=") for s in args.set)}
+    cfg = qwenjax.load_preset(args.preset).replace(**over).with_runtime(
+        dtype=args.dtype, param_dtype=args.dtype, attention_impl=args.attention_impl)
+    try:  # the kernel the model's attention runs, as `causal_attention` decides it
+        kernel = attention_impl(args.attention_impl, args.seq, cfg.head_dim,
+                                cfg.runtime.splash_block)
+    except ConfigError as e:
+        raise SystemExit(f"bench_step: {e}") from None
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, cfg.vocab_size, (args.batch, args.seq + 1), dtype=np.int32)
     n = args.batch * args.seq
@@ -165,7 +181,8 @@ def main() -> None:
     gflops = lambda seconds: round(step_flops / seconds / 1e9, 1)
     log("median ms/step: " + ", ".join(f"{k} {v * 1e3:.1f}" for k, v in m.items()))
     result = {
-        "preset": args.preset, "dtype": args.dtype, "batch": args.batch, "seq": args.seq,
+        "preset": args.preset, "overrides": over, "dtype": args.dtype, "batch": args.batch,
+        "seq": args.seq, "attention_impl": args.attention_impl, "attention_kernel": kernel,
         "iters": args.iters, "tokens_per_step": n,
         "qwenjax_forward_tok_s": round(n / m["jx_fwd"], 1),
         "qwenjax_train_tok_s": round(n / m["jx_train"], 1),

@@ -76,6 +76,7 @@ class Attention(nnx.Module):
             y = y + getattr(self, name + "_bias")[...].astype(x.dtype)
         return y
 
+    @jax.named_scope("qkv")
     def _qkv(self, x, cos, sin):
         """x [B,T,D] -> q [B,T,H,Dh], k, v [B,T,K,Dh], normalised and rotated."""
         cfg = self.cfg
@@ -87,6 +88,7 @@ class Attention(nnx.Module):
             k = rms_norm(k, self.k_norm[...], cfg.rms_norm_eps, cfg.norm_zero_centered)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
+    @jax.named_scope("out")
     def _output(self, x, o):
         """Attention output o [B,T,H,Dh] (gated by x [B,T,D] if configured) -> [B,T,D]."""
         cfg = self.cfg
@@ -100,15 +102,19 @@ class Attention(nnx.Module):
             out = out + self.o_bias[...].astype(x.dtype)
         return out
 
+    @jax.named_scope("attention")
     def __call__(self, x, cos, sin, positions, segment_ids):
         """x [B,T,D]; cos/sin [B,T,Dh]; positions/segment_ids [B,T] -> [B,T,D]."""
         cfg = self.cfg
         q, k, v = self._qkv(x, cos, sin)
         # Blockwise on one device; ring attention when the sequence is split over `context`.
-        o = causal_attention(q, k, v, positions, segment_ids, block=cfg.runtime.attn_block,
-                             impl=cfg.runtime.attention_impl, splash_block=cfg.runtime.splash_block)
+        with jax.named_scope("core"):
+            o = causal_attention(q, k, v, positions, segment_ids, block=cfg.runtime.attn_block,
+                                 impl=cfg.runtime.attention_impl,
+                                 splash_block=cfg.runtime.splash_block)
         return self._output(x, o)
 
+    @jax.named_scope("attention")
     def extend(self, x, cos, sin, positions, segment_ids, cache: KVCache, slots: CacheSlots):
         """As `__call__` for T new tokens that also see every earlier token in `cache`; their
         keys and values are written at slots [index, index + T). Returns (out, new cache)."""
@@ -117,13 +123,16 @@ class Attention(nnx.Module):
         start = (0, slots.index, 0, 0)
         k_all = jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), start)
         v_all = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), start)
-        if slots.fresh:  # nothing earlier to see: causal attention among the new tokens
-            o = causal_attention(q, k, v, positions, segment_ids, block=cfg.runtime.attn_block,
-                                 impl=cfg.runtime.attention_impl,
-                                 splash_block=cfg.runtime.splash_block)
-        else:
-            # One device: dense (one query) or blockwise (a prefill chunk); with `context` > 1
-            # the cache is split along its slots and partial results merge by log-sum-exp.
-            o = cached_attention(q, k_all, v_all, positions, slots.positions, segment_ids,
-                                 slots.segment_ids, block=cfg.runtime.attn_block)
+        with jax.named_scope("core"):
+            if slots.fresh:  # nothing earlier to see: causal attention among the new tokens
+                o = causal_attention(q, k, v, positions, segment_ids,
+                                     block=cfg.runtime.attn_block,
+                                     impl=cfg.runtime.attention_impl,
+                                     splash_block=cfg.runtime.splash_block)
+            else:
+                # One device: dense (one query) or blockwise (a prefill chunk); with `context`
+                # > 1 the cache is split along its slots and partial results merge by
+                # log-sum-exp.
+                o = cached_attention(q, k_all, v_all, positions, slots.positions, segment_ids,
+                                     slots.segment_ids, block=cfg.runtime.attn_block)
         return self._output(x, o), KVCache(k_all, v_all)

@@ -64,6 +64,7 @@ class GatedDeltaNet(nnx.Module):
         self.norm = make_param(rngs, (Dv,), ("norm",), pd, "ones")
         self.out_kernel = make_param(rngs, (Hv, Dv, D), ("linear_v_heads", "head_dim", "embed"), pd)
 
+    @jax.named_scope("proj")
     def _project(self, x, valid):
         """x [B,T,D] -> pre-conv q, k, v, gate z, and fp32 beta, g [B,T,Hv]."""
         dt = x.dtype
@@ -81,6 +82,7 @@ class GatedDeltaNet(nnx.Module):
         )
         return q, k, v, z, beta, g
 
+    @jax.named_scope("out")
     def _output(self, o, z):
         """Delta-rule output o [B,T,Hv,Dv], gate z -> [B,T,D] in z's dtype."""
         dt = z.dtype
@@ -96,20 +98,24 @@ class GatedDeltaNet(nnx.Module):
         """Pre-conv q, k, v over a whole sequence: causal conv + SiLU, key heads repeated to the
         value heads, gated delta rule -> (o [B,T,Hv,Dv], final state). Both the conv and the
         delta rule run sequence-parallel when the sequence is split over `context`."""
-        q = jax.nn.silu(conv(q, self.q_conv[...], segment_ids, "linear_k_heads"))
-        k = jax.nn.silu(conv(k, self.k_conv[...], segment_ids, "linear_k_heads"))
-        v = jax.nn.silu(conv(v, self.v_conv[...], segment_ids, "linear_v_heads"))
+        with jax.named_scope("conv"):
+            q = jax.nn.silu(conv(q, self.q_conv[...], segment_ids, "linear_k_heads"))
+            k = jax.nn.silu(conv(k, self.k_conv[...], segment_ids, "linear_k_heads"))
+            v = jax.nn.silu(conv(v, self.v_conv[...], segment_ids, "linear_v_heads"))
         repeat = self.cfg.linear_num_value_heads // self.cfg.linear_num_key_heads
         if repeat > 1:  # value head h reads key head h // repeat
             q, k = jnp.repeat(q, repeat, axis=2), jnp.repeat(k, repeat, axis=2)
-        return delta_rule(q, k, v, g, beta, segment_ids, initial_state)
+        with jax.named_scope("delta_rule"):
+            return delta_rule(q, k, v, g, beta, segment_ids, initial_state)
 
+    @jax.named_scope("gdn")
     def __call__(self, x, segment_ids, valid):
         """x [B,T,D]; segment_ids/valid [B,T] -> [B,T,D]."""
         q, k, v, z, beta, g = self._project(x, valid)
         o, _ = self._mix(q, k, v, g, beta, segment_ids)
         return self._output(o, z)
 
+    @jax.named_scope("gdn")
     def extend(self, x, segment_ids, valid, cache: RecurrentState, *, fresh: bool = False,
                history: bool = False):
         """As `__call__` for T new tokens continuing the sequence held in `cache` (one document

@@ -56,6 +56,7 @@ class RMSNorm(nnx.Module):
         self.eps = eps
         self.zero_centered = zero_centered
 
+    @jax.named_scope("norm")
     def __call__(self, x):
         return rms_norm(x, self.weight[...], self.eps, self.zero_centered)
 

@@ -27,6 +27,7 @@ class MLP(nnx.Module):
         self.up_kernel = make_param(rngs, (D, width), ("embed", "mlp"), pd)
         self.down_kernel = make_param(rngs, (width, D), ("mlp", "embed"), pd)
 
+    @jax.named_scope("mlp")
     def __call__(self, x):
         """x [..., D] -> [..., D]: SwiGLU (with adapter dropout when training with it)."""
         c = lambda p: p[...].astype(x.dtype)
@@ -51,22 +52,26 @@ class MoE(nnx.Module):
             self.shared = MLP(cfg, cfg.shared_expert_intermediate_size, rngs=rngs)
             self.shared_gate_kernel = make_param(rngs, (D, 1), ("embed", None), pd)
 
+    @jax.named_scope("moe")
     def __call__(self, x, valid):
         """x [B,T,D], valid [B,T] (rows counted in router statistics) -> (y [B,T,D], stats)."""
         cfg = self.cfg
         B, T, D = x.shape
         xf = x.reshape(B * T, D)
         c = lambda p: p[...].astype(x.dtype)
-        # Router in fp32 (transformers uses the compute dtype): fewer bf16 routing flips.
-        logits = xf.astype(jnp.float32) @ self.router_kernel[...].astype(jnp.float32)  # [N,E]
-        logits = hooks.tap("router_logits", logits.reshape(B, T, -1)).reshape(B * T, -1)
-        weights, experts, probs = route(logits, cfg.num_experts_per_tok, cfg.norm_topk_prob)
+        with jax.named_scope("moe_router"):
+            # Router in fp32 (transformers uses the compute dtype): fewer bf16 routing flips.
+            logits = xf.astype(jnp.float32) @ self.router_kernel[...].astype(jnp.float32)  # [N,E]
+            logits = hooks.tap("router_logits", logits.reshape(B, T, -1)).reshape(B * T, -1)
+            weights, experts, probs = route(logits, cfg.num_experts_per_tok, cfg.norm_topk_prob)
         w = (c(self.gate_kernel), c(self.up_kernel), c(self.down_kernel))
         y, dropped = self._experts(x, weights, experts, w)
         if cfg.shared_expert_intermediate_size:
-            gate = jax.nn.sigmoid(xf @ c(self.shared_gate_kernel))
-            y = y + gate * self.shared(xf)
-        stats = router_stats(logits, probs, experts, valid.reshape(-1), dropped)
+            with jax.named_scope("shared_expert"):
+                gate = jax.nn.sigmoid(xf @ c(self.shared_gate_kernel))
+                y = y + gate * self.shared(xf)
+        with jax.named_scope("moe_router"):
+            stats = router_stats(logits, probs, experts, valid.reshape(-1), dropped)
         return y.reshape(B, T, D), stats
 
     def _experts(self, x, weights, experts, w):

@@ -312,7 +312,8 @@ class CausalLM(nnx.Module):
             valid = valid & (attention_mask > 0)
             segment_ids = jnp.where(valid, segment_ids, 0)  # padding only sees padding
         tokens = TokenInputs(positions.astype(jnp.int32), segment_ids.astype(jnp.int32), valid)
-        x = constrain(self.embed[...][input_ids].astype(dtype), ACT_BTD)
+        with jax.named_scope("embed"):
+            x = constrain(self.embed[...][input_ids].astype(dtype), ACT_BTD)
         total = empty_router_stats(cfg.num_experts)
         for stack in self.stacks:
             x, stats = stack(x, tokens)

@@ -223,6 +223,7 @@ class ChunkTerms(NamedTuple):
     chunk_decay: jax.Array  # [B,H,N] decay of the carried state over the chunk (0: reset)
 
 
+@jax.named_scope("chunk_terms")
 def chunk_terms(
     q,
     k,
@@ -279,6 +280,7 @@ def chunk_terms(
     return ChunkTerms(u, w, q_carry, attn, k_out, chunk_decay)
 
 
+@jax.named_scope("chunk_scan")
 def chunk_scan(terms: ChunkTerms, S0):
     """The recurrence over chunks (`lax.scan`) from S0 [B,H,Dk,Dv'] fp32, where Dv' is the last
     dim of `terms.u` (callers may append columns to u and S0: every column evolves alone).

@@ -158,28 +158,31 @@ def delta_rule_sequence_parallel(
         out0, q_eff = out_aug[..., :Dv], out_aug[..., Dv:]  # [b*npl,h,N,C,Dv], [..,Dk]
 
         # 2. exchange the maps and compose them in global piece order (redundantly everywhere)
-        maps = _gather_pieces(maps.reshape(b, npl, h, Dk, Dv + Dk).swapaxes(0, 1), axis_name, flat)
-        if ids is None:
-            reads = jnp.ones((maps.shape[0], b), F32)  # [P,b]
-        else:
-            ends = ids.reshape(b, npl, L)[:, :, jnp.array([0, L - 1])].swapaxes(0, 1)
-            ends = _gather_pieces(ends, axis_name, flat)  # [P,b,2]: first and last segment id
-            # a piece whose first token starts a document does not read the state handed to it
-            cont = ends[1:, :, 0] == ends[:-1, :, 1]
-            reads = jnp.concatenate([jnp.ones((1, b), bool), cont]).astype(F32)
+        with jax.named_scope("state_exchange"):
+            maps = _gather_pieces(maps.reshape(b, npl, h, Dk, Dv + Dk).swapaxes(0, 1), axis_name,
+                                  flat)
+            if ids is None:
+                reads = jnp.ones((maps.shape[0], b), F32)  # [P,b]
+            else:
+                ends = ids.reshape(b, npl, L)[:, :, jnp.array([0, L - 1])].swapaxes(0, 1)
+                ends = _gather_pieces(ends, axis_name, flat)  # [P,b,2]: first, last segment id
+                # a piece whose first token starts a document does not read the state handed to it
+                cont = ends[1:, :, 0] == ends[:-1, :, 1]
+                reads = jnp.concatenate([jnp.ones((1, b), bool), cont]).astype(F32)
 
-        def compose(S, x):  # S: state after the previous piece's last token
-            m, r = x
-            S = S * r[:, None, None, None]
-            return jnp.einsum("bhij,bhjv->bhiv", m[..., Dv:], S) + m[..., :Dv], S
+            def compose(S, x):  # S: state after the previous piece's last token
+                m, r = x
+                S = S * r[:, None, None, None]
+                return jnp.einsum("bhij,bhjv->bhiv", m[..., Dv:], S) + m[..., :Dv], S
 
-        S_init = jnp.zeros((b, h, Dk, Dv), F32) if S0 is None else S0
-        S_final, S_enter = jax.lax.scan(compose, S_init, (maps, reads))  # S_enter [P,b,h,Dk,Dv]
+            S_init = jnp.zeros((b, h, Dk, Dv), F32) if S0 is None else S0
+            S_final, S_enter = jax.lax.scan(compose, S_init, (maps, reads))  # [P,b,h,Dk,Dv]
 
         # 3. correct this device's pieces with their entering states
-        mine = S_enter[jnp.asarray(index)[jax.lax.axis_index(axis_name)]]  # [npl,b,h,Dk,Dv]
-        mine = mine.swapaxes(0, 1).reshape(b * npl, h, Dk, Dv)
-        out = out0 + jnp.einsum("phnck,phkv->phncv", q_eff, mine)
+        with jax.named_scope("state_correct"):
+            mine = S_enter[jnp.asarray(index)[jax.lax.axis_index(axis_name)]]  # [npl,b,h,Dk,Dv]
+            mine = mine.swapaxes(0, 1).reshape(b * npl, h, Dk, Dv)
+            out = out0 + jnp.einsum("phnck,phkv->phncv", q_eff, mine)
         out = out.transpose(0, 2, 3, 1, 4).reshape(b * npl, -1, h, Dv)[:, :L]
         return out.reshape(b, npl * L, h, Dv).astype(v.dtype), S_final
 

@@ -55,6 +55,7 @@ class SlotPlan(NamedTuple):
     kept: jax.Array  # [M] bool, in routed-row order: False for rows dropped by capacity
 
 
+@jax.named_scope("moe_dispatch")
 def slot_plan(experts, n_groups: int, group_of_expert, slots: int) -> SlotPlan:
     """Rows sorted by expert; group g (a destination device or an expert) owns slots
     [g*slots, (g+1)*slots); a group's rows past `slots` are dropped."""
@@ -127,35 +128,38 @@ def _local_expert_parallel(x, weights, experts, w_gate, w_up, w_down, *, E, ep, 
     def run(plan: SlotPlan, S: int | None):
         """Exchange the planned rows, run the experts, bring the rows back and combine."""
         R = plan.src_row.shape[0] - 1
-        send = gather_rows(xf, plan.src_row // k, plan.pos)[:R]  # [R,D], empty slots zero
-        filled = plan.src_row[:R] < M
-        send_e = jnp.where(filled, flat_e[jnp.minimum(plan.src_row[:R], M - 1)] % El, El)
-        send_e = send_e.astype(jnp.int32)
-        lost = jnp.zeros((), F32)
-        if S is None:
-            cap = receive_rows(M, ep, buffer_factor)
-            there, back_again, lost = _ragged_routes(flat_e // El, ep, M, axis, cap)
-            recv, recv_e = there(send, 0), there(send_e, El)
-        else:
-            def to_owner(a):  # [ep*S, ...] by destination -> [ep*S, ...] by source
-                a = a.reshape(ep, S, *a.shape[1:])
-                return jax.lax.all_to_all(a, axis, 0, 0).reshape(ep * S, *a.shape[2:])
+        with jax.named_scope("moe_dispatch"):
+            send = gather_rows(xf, plan.src_row // k, plan.pos)[:R]  # [R,D], empty slots zero
+            filled = plan.src_row[:R] < M
+            send_e = jnp.where(filled, flat_e[jnp.minimum(plan.src_row[:R], M - 1)] % El, El)
+            send_e = send_e.astype(jnp.int32)
+            lost = jnp.zeros((), F32)
+            if S is None:
+                cap = receive_rows(M, ep, buffer_factor)
+                there, back_again, lost = _ragged_routes(flat_e // El, ep, M, axis, cap)
+                recv, recv_e = there(send, 0), there(send_e, El)
+            else:
+                def to_owner(a):  # [ep*S, ...] by destination -> [ep*S, ...] by source
+                    a = a.reshape(ep, S, *a.shape[1:])
+                    return jax.lax.all_to_all(a, axis, 0, 0).reshape(ep * S, *a.shape[2:])
 
-            recv, recv_e, back_again = to_owner(send), to_owner(send_e), to_owner
-        if capacity_factor > 0:  # [src, El, C] -> [El, src*C]: one dense block per expert
-            C = S // El
-            xe = recv.reshape(ep, El, C, D).transpose(1, 0, 2, 3).reshape(El, ep * C, D)
-            h = jax.nn.silu(jnp.einsum("erd,edf->erf", xe, w_gate))
-            h = h * jnp.einsum("erd,edf->erf", xe, w_up)
-            ye = jnp.einsum("erf,efd->erd", h, w_down)
-            y = ye.reshape(El, ep, C, D).transpose(1, 0, 2, 3).reshape(ep * S, D)
-        else:
-            y = grouped_rows_ffn(recv, recv_e, w_gate, w_up, w_down, bm=bm, impl=impl)
-        if tensor is not None:  # each device holds an F slice: partial sums
-            y = jax.lax.psum(y, tensor)
-        back = back_again(y)
-        back = jnp.concatenate([back, jnp.zeros((1, D), back.dtype)])  # sentinel slot R
-        out = combine_rows(back, weights.astype(F32), plan.pos, plan.src_row)
+                recv, recv_e, back_again = to_owner(send), to_owner(send_e), to_owner
+        with jax.named_scope("moe_experts"):
+            if capacity_factor > 0:  # [src, El, C] -> [El, src*C]: one dense block per expert
+                C = S // El
+                xe = recv.reshape(ep, El, C, D).transpose(1, 0, 2, 3).reshape(El, ep * C, D)
+                h = jax.nn.silu(jnp.einsum("erd,edf->erf", xe, w_gate))
+                h = h * jnp.einsum("erd,edf->erf", xe, w_up)
+                ye = jnp.einsum("erf,efd->erd", h, w_down)
+                y = ye.reshape(El, ep, C, D).transpose(1, 0, 2, 3).reshape(ep * S, D)
+            else:
+                y = grouped_rows_ffn(recv, recv_e, w_gate, w_up, w_down, bm=bm, impl=impl)
+            if tensor is not None:  # each device holds an F slice: partial sums
+                y = jax.lax.psum(y, tensor)
+        with jax.named_scope("moe_combine"):
+            back = back_again(y)
+            back = jnp.concatenate([back, jnp.zeros((1, D), back.dtype)])  # sentinel slot R
+            out = combine_rows(back, weights.astype(F32), plan.pos, plan.src_row)
         return out.astype(x.dtype), jnp.sum(~plan.kept).astype(F32) + lost
 
     if capacity_factor > 0:
@@ -168,8 +172,9 @@ def _local_expert_parallel(x, weights, experts, w_gate, w_up, w_down, *, E, ep, 
         # rows. Routing is rarely that skewed: when no device sends more than `fast` rows to
         # any one device (max over the whole mesh, so every device takes the same branch),
         # blocks of `fast` slots carry the same rows exactly.
-        dest = flat_e // El
-        need = jax.lax.pmax(jnp.max(jnp.bincount(dest, length=ep)), token_axes)
+        with jax.named_scope("moe_dispatch"):
+            dest = flat_e // El
+            need = jax.lax.pmax(jnp.max(jnp.bincount(dest, length=ep)), token_axes)
         fast = min(M, -(-2 * M // ep // 8) * 8)
         plan_for = lambda S: slot_plan(experts, ep, lambda e: e // El, S)
         if fast < M:
@@ -283,7 +288,8 @@ def expert_parallel_ffn(x, weights, experts, w_gate, w_up, w_down, *, mesh, toke
     def body(x, weights, experts, w_gate, w_up, w_down):
         if embed is not None:  # all_gather's transpose is psum_scatter: a reduce-scatter
             gather = lambda w, dim: jax.lax.all_gather(w, embed, axis=dim, tiled=True)
-            w_gate, w_up, w_down = gather(w_gate, 1), gather(w_up, 1), gather(w_down, 2)
+            with jax.named_scope("moe_weight_gather"):
+                w_gate, w_up, w_down = gather(w_gate, 1), gather(w_up, 1), gather(w_down, 2)
         return _local_expert_parallel(
             x, weights, experts, w_gate, w_up, w_down, E=E, ep=ep, axis=expert_axis,
             tensor=tensor, token_axes=token_axes, capacity_factor=capacity_factor,

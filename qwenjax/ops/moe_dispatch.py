@@ -66,28 +66,34 @@ def grouped_ffn(x, weights, experts, w_gate, w_up, w_down, *, impl: str = "auto"
     k = experts.shape[1]
     E = w_gate.shape[0]
     if impl in ("ragged", "megablox"):
-        plan = dispatch_plan(experts, E, 1)
-        rows = gather_rows(x, plan.src_row // k, plan.pos)
-        kernel = KERNEL_OF[impl]
-        mm = lambda a, w: grouped_matmul(a, w, plan.group_sizes, 512, kernel)
-        h = jax.nn.silu(mm(rows, w_gate)) * mm(rows, w_up)
-        y = checkpoint_name(mm(h, w_down), "moe_rows")
+        with jax.named_scope("moe_dispatch"):
+            plan = dispatch_plan(experts, E, 1)
+            rows = gather_rows(x, plan.src_row // k, plan.pos)
+        with jax.named_scope("moe_experts"):
+            kernel = KERNEL_OF[impl]
+            mm = lambda a, w: grouped_matmul(a, w, plan.group_sizes, 512, kernel)
+            h = jax.nn.silu(mm(rows, w_gate)) * mm(rows, w_up)
+            y = checkpoint_name(mm(h, w_down), "moe_rows")
     elif impl == "blocked":
         bm = block_rows(N * k // E, block)
-        plan = dispatch_plan(experts, E, bm)
-        rows = gather_rows(x, plan.src_row // k, plan.pos)  # [R,D], pad rows zero
-        M = N * k
-        row_weight = gather_rows(
-            weights.astype(F32).reshape(M, 1), plan.src_row, plan.pos.reshape(M, 1)
-        )
-        y = blocked_swiglu(rows, row_weight[:, 0], plan.block_expert, w_gate, w_up, w_down, bm)
-        y = checkpoint_name(y, "moe_rows")
+        with jax.named_scope("moe_dispatch"):
+            plan = dispatch_plan(experts, E, bm)
+            rows = gather_rows(x, plan.src_row // k, plan.pos)  # [R,D], pad rows zero
+            M = N * k
+            row_weight = gather_rows(
+                weights.astype(F32).reshape(M, 1), plan.src_row, plan.pos.reshape(M, 1)
+            )
+        with jax.named_scope("moe_experts"):
+            y = blocked_swiglu(rows, row_weight[:, 0], plan.block_expert, w_gate, w_up, w_down,
+                               bm)
+            y = checkpoint_name(y, "moe_rows")
         # The rows carry their routing weights already. Combining with ones leaves combine's
         # weight gradient unused, so the backward pass needs no y (nor, under remat, its matmul).
         weights = jnp.ones_like(weights)
     else:
         raise ValueError(f"unknown grouped_ffn impl {impl!r}")
-    return combine_rows(y, weights.astype(F32), plan.pos, plan.src_row).astype(x.dtype)
+    with jax.named_scope("moe_combine"):
+        return combine_rows(y, weights.astype(F32), plan.pos, plan.src_row).astype(x.dtype)
 
 
 def block_rows(mean_group: int, block: int) -> int:

@@ -234,6 +234,7 @@ def _forward_shard(cfg: _Ring, H: int, K: int, q, k, v, q_pos, kv_pos, q_seg, kv
 
         return jax.lax.cond(_visible(q_pos, q_seg, kp, ks, cfg.causal, cls), compute, skip, None)
 
+    @jax.named_scope("ring_step")
     def step(carry, s):
         kv, acc = carry
         kv_next = jax.lax.ppermute(kv, cfg.axis, cfg.perm())  # before compute: overlaps it
@@ -243,7 +244,8 @@ def _forward_shard(cfg: _Ring, H: int, K: int, q, k, v, q_pos, kv_pos, q_seg, kv
     # n - 1 steps that pass kv on, then the last shard's step, which passes nothing.
     steps = jnp.arange(cfg.n - 1, dtype=jnp.int32)
     (kv, acc), _ = jax.lax.scan(step, ((k, v, kv_pos, kv_seg), acc), steps)
-    o, lse = _merge(acc, partial_attention(kv, cfg.n - 1))
+    with jax.named_scope("ring_step"):
+        o, lse = _merge(acc, partial_attention(kv, cfg.n - 1))
     return o.astype(q.dtype), lse
 
 
@@ -286,6 +288,7 @@ def _backward_shard(cfg: _Ring, H: int, K: int, q, k, v, q_pos, kv_pos, q_seg, k
 
         return jax.lax.cond(_visible(q_pos, q_seg, kp, ks, cfg.causal, cls), compute, skip, None)
 
+    @jax.named_scope("ring_step")
     def step(carry, s, last: bool = False):
         # `dkv` holds the previous step's shard gradients; the device after us holds that shard
         # now, so both sends go out before the compute and only meet it at the sum afterwards.

@@ -34,6 +34,7 @@ class Batch(NamedTuple):
     mtp_mask: jax.Array | None = None
 
 
+@jax.named_scope("lm_head_loss")
 def chunked_cross_entropy(hidden, head, targets, mask, chunk: int = 2048, *, correct: bool = False):
     """Sum of -log p(target) over masked tokens, and the count (and with `correct`, the number
     of masked tokens whose top-1 prediction is the target). hidden [N,D], head [D,V].
@@ -106,7 +107,8 @@ def loss_fn(model: CausalLM, batch: Batch, *, aux_weight: float = 0.0, z_weight:
             metrics[f"mtp_loss_{k}"], metrics[f"mtp_acc_{k}"] = s / norm, hits / norm
             mtp_total = mtp_total + s / norm
         mtp_total, mtp_passes = mtp_total / depth, depth
-    aux, z = router_losses(stats, model.config)
+    with jax.named_scope("router_loss"):
+        aux, z = router_losses(stats, model.config)
     total = ce + aux_weight * aux + z_weight * z + mtp_weight * mtp_total
     counts, dropped = stats[0], stats[4]
     load = counts / jnp.maximum(jnp.mean(counts), 1e-9)

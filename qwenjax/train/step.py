@@ -124,18 +124,19 @@ def make_train_step(
         for k in ("aux_loss", "z_loss", "expert_load_max", "expert_load_min", "dropped_fraction"):
             metrics[k] = metrics[k] / n_micro
         metrics["tokens"] = token_norm
-        grad_norm = optax.tree.norm(grads)
-        finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
-        new_state = TrainState(
-            params=keep(params, state.params),
-            opt_state=keep(opt_state, state.opt_state),
-            step=state.step + 1,
-            bad_steps=jnp.where(finite, 0, state.bad_steps + 1),
-            skipped=state.skipped + (~finite).astype(jnp.int32),
-        )
+        with jax.named_scope("optimizer"):
+            grad_norm = optax.tree.norm(grads)
+            finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
+            updates, opt_state = tx.update(grads, state.opt_state, state.params)
+            params = optax.apply_updates(state.params, updates)
+            keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+            new_state = TrainState(
+                params=keep(params, state.params),
+                opt_state=keep(opt_state, state.opt_state),
+                step=state.step + 1,
+                bad_steps=jnp.where(finite, 0, state.bad_steps + 1),
+                skipped=state.skipped + (~finite).astype(jnp.int32),
+            )
         metrics.update(total_loss=total, grad_norm=grad_norm, finite=finite,
                        bad_steps=new_state.bad_steps)  # outside the donated state: readable later
         return new_state, metrics
