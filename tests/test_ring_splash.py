@@ -74,3 +74,27 @@ def test_ring_with_splash_matches_dense(layout, batch_axis):
     assert float(jnp.abs(out - ref).max()) <= 1e-5
     for g, r in zip(grads, ref_grads):
         assert float(jnp.abs(g - r).max()) <= 5e-5
+
+
+def test_ring_with_splash_compiles_for_tpu_with_the_kernels_inside():
+    """Compiled for a v5p-8 slice (compile-only devices, no TPU): the ring's steps run splash's
+    Mosaic forward (with residuals) and its dq / dkv passes, and nothing else attends."""
+    pytest.importorskip("libtpu", reason="the `tpu` extra (libtpu) is not installed")
+    from qwenjax.plan.chips import parse_slice, topology_devices
+    from qwenjax.plan.hlo import custom_calls
+
+    devices = topology_devices(parse_slice("v5p-8"))
+    mesh = make_mesh({"context": 4}, devices[:4])
+    B, T, H, K, Dh = 1, 4096, 4, 2, 128
+    pos, seg = _packed(B, T, 4, "zigzag")
+
+    def loss(q, k, v):
+        o = ring_attention(q, k, v, mesh=mesh, q_positions=pos, q_segment_ids=seg,
+                           kernel="splash", layout="zigzag")
+        return jnp.sum(o.astype(jnp.float32))
+
+    shapes = [jax.ShapeDtypeStruct((B, T, h, Dh), jnp.bfloat16) for h in (H, K, K)]
+    hlo = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(*shapes).compile().as_text()
+    calls = {name for name in custom_calls(hlo) if name.startswith("tpu_custom_call")}
+    assert any("splash_mha_fwd" in c and "residuals" in c for c in calls), calls
+    assert any("splash_mha_dq" in c for c in calls) and any("splash_mha_dkv" in c for c in calls)

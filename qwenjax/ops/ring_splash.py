@@ -71,6 +71,7 @@ class ChunkMask(sm._ComputableMask):
         return hash((type(self), self.shape, self.rel))
 
 
+@functools.lru_cache(maxsize=16)
 def step_masks(layout: str, n: int, t: int):
     """(masks, classes): the distinct splash masks of the ring's steps and an int [n, n] table,
     classes[s, r] = index into masks of device r's step s (-1: nothing visible by index)."""
@@ -94,16 +95,16 @@ def step_masks(layout: str, n: int, t: int):
     return masks, classes
 
 
-@functools.lru_cache(maxsize=16)
 def step_kernels(layout: str, n: int, t: int, heads: int, head_dim: int, block: int,
                  interpret: bool):
-    """(kernels, classes): one splash kernel (residuals saved) per distinct step mask."""
+    """(kernels, classes): one splash kernel (residuals saved) per distinct step mask. Built in
+    the trace that uses them (their block tables become that trace's constants; the NumPy
+    mask processing behind them is cached by splash), never kept across traces."""
     masks, classes = step_masks(layout, n, t)
     size = pick_block(t, head_dim, block)
-    with jax.ensure_compile_time_eval():  # concrete block tables, safe to keep across traces
-        kernels = tuple(sk.make_splash_mha(
-            sm.MultiHeadMask([m] * heads), block_sizes=block_sizes(size), head_shards=1,
-            q_seq_shards=1, save_residuals=True, interpret=interpret) for m in masks)
+    kernels = tuple(sk.make_splash_mha(
+        sm.MultiHeadMask([m] * heads), block_sizes=block_sizes(size), head_shards=1,
+        q_seq_shards=1, save_residuals=True, interpret=interpret) for m in masks)
     return kernels, classes
 
 

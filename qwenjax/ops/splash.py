@@ -17,7 +17,6 @@ Dimension letters: B batch, T length, H query heads, K kv heads, Dh head dim.
 
 from __future__ import annotations
 
-import functools
 import math
 
 import jax
@@ -54,16 +53,14 @@ def block_sizes(block: int) -> sk.BlockSizes:
                          block_q_dq=block, block_kv_dq=block)
 
 
-@functools.lru_cache(maxsize=64)
 def _kernel(T: int, H: int, block: int, interpret: bool):
-    """The splash kernel of one causal [T, T] mask over H heads (built once per shape: the mask
-    is processed into block tables in NumPy at trace time)."""
+    """The splash kernel of one causal [T, T] mask over H heads. Built in the trace that uses
+    it: its block tables are that trace's constants (a kernel kept across traces leaks them;
+    built eagerly they would land on the host's default device, not the mesh's). The NumPy
+    mask processing behind them is cached by splash."""
     mask = sm.MultiHeadMask([sm.CausalMask((T, T)) for _ in range(H)])
-    # Concrete block tables even when first built inside a trace: the cached kernel is reused
-    # by later traces (another jit, the backward), where a traced table would have leaked.
-    with jax.ensure_compile_time_eval():
-        return sk.make_splash_mha(mask, block_sizes=block_sizes(block), head_shards=1,
-                                  q_seq_shards=1, interpret=interpret)
+    return sk.make_splash_mha(mask, block_sizes=block_sizes(block), head_shards=1,
+                              q_seq_shards=1, interpret=interpret)
 
 
 def splash_causal_attention(q, k, v, segment_ids, *, block: int = 0, interpret: bool = False):
