@@ -79,3 +79,26 @@ def test_model_with_splash_equals_model_with_ours():
         model = qwenjax.init_model(cfg.with_runtime(attention_impl=impl), seed=0)
         out[impl] = model(ids, segment_ids=seg)
     assert float(jnp.abs(out["splash"] - out["xla"]).max()) <= 1e-5
+
+
+def test_model_under_context_parallel_with_ring_splash_equals_ours():
+    """The same model over context=2 (zigzag): ring attention with splash as its step kernel
+    (runtime.attention_impl splash, interpret mode) against ours, packed rows, in layout."""
+    from qwenjax.ops.context_layout import from_layout, to_layout
+
+    cfg = qwenjax.load_preset("qwen3.5-moe-tiny").replace(
+        head_dim=128, num_layers=1, layer_types=("full_attention",))
+    T, n = 512, 2
+    ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (1, T))
+    cut = np.array([[300]])
+    t = np.arange(T)[None]
+    seg, pos = np.where(t < cut, 1, 2), np.where(t < cut, t, t - cut)
+    laid = [jnp.asarray(to_layout(x, n, "zigzag")) for x in (ids, pos, seg)]
+    mesh = qwenjax.make_mesh({"context": n}, jax.devices()[:n])
+    out = {}
+    for impl in ("xla", "splash"):
+        model = qwenjax.init_model(cfg.with_runtime(attention_impl=impl), seed=0)
+        with activate(mesh, None, "zigzag"):
+            logits = jax.jit(lambda i, p, s, m=model: m(i, positions=p, segment_ids=s))(*laid)
+        out[impl] = from_layout(np.asarray(logits), n, "zigzag")
+    assert float(np.abs(out["splash"] - out["xla"]).max()) <= 1e-5
