@@ -36,6 +36,12 @@ class RuntimeConfig:
     # rows x D for qwen3-235b-a22b at 4,096 tokens per device); f > 0 = f x the balanced count,
     # rows past it dropped and counted in `dropped_fraction` (MaxText's ragged_buffer_factor).
     moe_buffer_factor: float = 0.0
+    # Routed experts over chunks of each device's tokens: 0 = all at once; c > 0 = c tokens at
+    # a time (a scan, each chunk rematerialised), so one chunk's c*k routed rows are live
+    # instead of all of them (the 1M-token step on 32 chips: 32,768 tokens x 8 rows per device).
+    # Costs one more forward of the expert layer in the backward. Capacity and receive buffers
+    # are then sized per chunk. Must divide the tokens per device.
+    moe_chunk_tokens: int = 0
     # Grouped expert FFN: "megablox" (Pallas TPU kernels gmm/tgmm; interpret mode elsewhere),
     # "ragged" (`jax.lax.ragged_dot`, XLA's grouped matmul), "blocked" (a scan over fixed row
     # blocks, fastest on CPU); "auto" = megablox on TPU, ragged on GPU, blocked on CPU.
@@ -64,6 +70,11 @@ class RuntimeConfig:
         if not isinstance(self.splash_block, int) or self.splash_block < 0 or self.splash_block % 128:
             raise ConfigError(
                 f"runtime.splash_block must be 0 (auto) or a multiple of 128, got {self.splash_block!r}"
+            )
+        if not isinstance(self.moe_chunk_tokens, int) or self.moe_chunk_tokens < 0:
+            raise ConfigError(
+                f"runtime.moe_chunk_tokens must be an integer >= 0 (0 = no chunks), got "
+                f"{self.moe_chunk_tokens!r}"
             )
         if self.moe_buffer_factor < 0:
             raise ConfigError(

@@ -40,9 +40,13 @@ def packed_batch(vocab: int) -> Batch:
                  positions=pos, segment_ids=seg)
 
 
+def tiny_config(name: str):
+    return qwenjax.load_preset(name).replace(num_layers=2 if name == "qwen3-moe-tiny" else 4)
+
+
 @functools.cache
 def reference(name: str):
-    cfg = qwenjax.load_preset(name).replace(num_layers=2 if name == "qwen3-moe-tiny" else 4)
+    cfg = tiny_config(name)
     graphdef, params = split_model(qwenjax.init_model(cfg))
     batch = packed_batch(cfg.vocab_size)
     model = nnx.merge(graphdef, params)
@@ -54,7 +58,23 @@ def reference(name: str):
 
 @pytest.mark.parametrize("name,shape,layout", CASES, ids=str)
 def test_context_parallel_equals_one_device(name, shape, layout):
+    check_against_one_device(name, shape, layout)
+
+
+@pytest.mark.parametrize("name,shape", [("qwen3.5-moe-tiny", {"context": 4}),
+                                        ("qwen3-moe-tiny", {"context": 2, "expert": 2, "data": 2})],
+                         ids=str)
+def test_experts_over_token_chunks_equal_one_device(name, shape):
+    """runtime.moe_chunk_tokens (the 1M-token step's memory setting): each device's 64 tokens
+    through the experts 16 at a time give one device's unchunked logits, loss and gradients."""
+    check_against_one_device(name, shape, "zigzag", moe_chunk_tokens=16)
+
+
+def check_against_one_device(name, shape, layout, **runtime):
     graphdef, params, batch, logits, loss, grads = reference(name)
+    if runtime:
+        cfg = tiny_config(name)  # the same weights, run another way
+        graphdef, _ = split_model(qwenjax.init_model(cfg.replace(runtime=cfg.runtime.replace(**runtime))))
     mesh = qwenjax.make_mesh(shape, jax.devices()[: int(np.prod(list(shape.values())))])
     n = mesh.shape["context"]
     spec = PartitionSpec(logical_to_spec(("batch",), None, mesh)[0], "context")

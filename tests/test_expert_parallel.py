@@ -36,11 +36,11 @@ def problem(seed=0, logits=None):
     return x, w, weights, experts
 
 
-def run(mesh, tokens, x, w, weights, experts, capacity=0.0):
+def run(mesh, tokens, x, w, weights, experts, capacity=0.0, chunk_tokens=0):
     def f(x, *w):
         return expert_parallel_ffn(
             x, weights.reshape(B, T, K), experts.reshape(B, T, K), *w, mesh=mesh,
-            token_spec=tokens, capacity_factor=capacity,
+            token_spec=tokens, capacity_factor=capacity, chunk_tokens=chunk_tokens,
         )
 
     y, dropped = jax.jit(f)(x, *w)
@@ -68,6 +68,21 @@ def test_expert_parallel_equals_dense(shape, tokens):
     y, dropped, grads = run(qwenjax.make_mesh(shape), tokens, x, w, weights, experts)
     assert_close(y, grads, *reference(x, w, weights, experts))
     assert float(dropped) == 0.0
+
+
+@pytest.mark.parametrize("shape,tokens", MESHES[:2], ids=lambda s: str(s))
+@pytest.mark.parametrize("chunk", [2, 3])
+def test_expert_parallel_over_token_chunks_equals_dense(shape, tokens, chunk):
+    """`chunk_tokens` (runtime.moe_chunk_tokens): each device's 6 tokens in chunks of 2 or 3,
+    exchange and all, give the dense values and gradients; a chunk that does not divide the
+    tokens per device is refused in one line."""
+    x, w, weights, experts = problem()
+    mesh = qwenjax.make_mesh(shape)
+    y, dropped, grads = run(mesh, tokens, x, w, weights, experts, chunk_tokens=chunk)
+    assert_close(y, grads, *reference(x, w, weights, experts))
+    assert float(dropped) == 0.0
+    with pytest.raises(qwenjax.ConfigError, match="moe_chunk_tokens 4 does not divide the 6"):
+        run(mesh, tokens, x, w, weights, experts, chunk_tokens=4)
 
 
 def test_fsdp_split_expert_weights_gather_inside_and_reduce_scatter_back():

@@ -14,7 +14,7 @@ from qwenjax.model import hooks
 from qwenjax.model.layers import make_param
 from qwenjax.model.lora import dropout_branch
 from qwenjax.ops.expert_parallel import expert_parallel_ffn, single_device_mesh
-from qwenjax.ops.moe_dispatch import grouped_ffn, route, router_stats
+from qwenjax.ops.moe_dispatch import grouped_ffn, over_token_chunks, route, router_stats
 from qwenjax.sharding import current_mesh, mesh_axes
 
 F32 = jnp.float32
@@ -91,17 +91,20 @@ class MoE(nnx.Module):
         unsendable = mesh is not None and mesh.shape["expert"] > 1 and "expert" not in batch + length
         if capacity and unsendable:
             raise ValueError(f"capacity mode needs the batch {B}x{T} split over expert")
+        chunk = self.cfg.runtime.moe_chunk_tokens
         if not capacity and (unsendable or not (batch or length)):
             # Tokens whole on every device, or replicated over experts: the dropless grouped FFN
-            # as it is (GSPMD partitions it in the latter case).
-            y = grouped_ffn(x.reshape(B * T, D), weights, experts, *w, impl=impl)
-            return y, jnp.zeros((), F32)
+            # as it is (GSPMD partitions it in the latter case; chunks only for whole tokens).
+            ffn = lambda x, weights, experts: grouped_ffn(x, weights, experts, *w, impl=impl)
+            if not unsendable:
+                ffn = over_token_chunks(ffn, chunk)
+            return ffn(x.reshape(B * T, D), weights, experts), jnp.zeros((), F32)
         tokens = (batch or None, length or None)
         y, dropped = expert_parallel_ffn(
             x, weights.reshape(B, T, k), experts.reshape(B, T, k), *w, mesh=mesh,
             token_spec=tokens, capacity_factor=capacity, impl=impl,
             buffer_factor=self.cfg.runtime.moe_buffer_factor,
-            embed_axes=mesh_axes("expert_embed", D),
+            embed_axes=mesh_axes("expert_embed", D), chunk_tokens=chunk,
         )
         return y.reshape(B * T, D), dropped
 

@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from qwenjax.errors import ConfigError
 from qwenjax.ops.grouped_matmul import grouped_matmul, permute_rows
 from qwenjax.ops.moe_dispatch import KERNEL_OF, block_rows, combine_rows, default_impl, gather_rows
 from qwenjax.sharding import make_mesh, target_platform
@@ -115,9 +116,36 @@ def grouped_rows_ffn(rows, row_expert, w_gate, w_up, w_down, *, bm: int, impl: s
     return combine_rows(yb.reshape(nb * bm, D), ones, slot_of_row, src).astype(rows.dtype)
 
 
-def _local_expert_parallel(x, weights, experts, w_gate, w_up, w_down, *, E, ep, axis, tensor,
-                           token_axes, capacity_factor, buffer_factor, bm, impl, exchange):
-    """Per-device body. x [b,t,D], weights/experts [b,t,k] -> (y [b,t,D], dropped rows)."""
+def _local_expert_parallel(x, weights, experts, *w, token_axes, chunk_tokens: int, **kw):
+    """Per-device body. x [b,t,D], weights/experts [b,t,k] -> (y [b,t,D], dropped rows over
+    the mesh). With `chunk_tokens` c < b*t, the device's tokens go through the experts c at a
+    time: a scan over chunks of the whole exchange-FFN-combine pipeline, each chunk under
+    `jax.checkpoint`, so only one chunk's routed rows (c*k, not b*t*k) and their cotangents are
+    live; the backward recomputes each chunk's forward once more. Capacity and buffer sizes
+    are then per chunk."""
+    b, t, D = x.shape
+    n = b * t
+    if not chunk_tokens or chunk_tokens >= n:
+        out, dropped = _expert_rows(x, weights, experts, *w, token_axes=token_axes, **kw)
+        return out, jax.lax.psum(dropped, token_axes)
+    if n % chunk_tokens:
+        raise ConfigError(
+            f"runtime.moe_chunk_tokens {chunk_tokens} does not divide the {n} tokens per device"
+        )
+    g = n // chunk_tokens
+    split = lambda a: a.reshape(g, 1, chunk_tokens, a.shape[-1])
+
+    @jax.checkpoint
+    def one(xs):
+        return _expert_rows(*xs, *w, token_axes=token_axes, **kw)
+
+    out, dropped = jax.lax.map(one, (split(x), split(weights), split(experts)))
+    return out.reshape(b, t, D), jax.lax.psum(jnp.sum(dropped), token_axes)
+
+
+def _expert_rows(x, weights, experts, w_gate, w_up, w_down, *, E, ep, axis, tensor,
+                 token_axes, capacity_factor, buffer_factor, bm, impl, exchange):
+    """x [b,t,D], weights/experts [b,t,k] -> (y [b,t,D], this device's dropped rows)."""
     b, t, D = x.shape
     k = experts.shape[-1]
     n, El = b * t, E // ep
@@ -183,7 +211,7 @@ def _local_expert_parallel(x, weights, experts, w_gate, w_up, w_down, *, E, ep, 
             )
         else:
             out, dropped = run(plan_for(M), M)
-    return out.reshape(b, t, D), jax.lax.psum(dropped, token_axes)
+    return out.reshape(b, t, D), dropped
 
 
 def receive_rows(M: int, ep: int, buffer_factor: float) -> int:
@@ -251,7 +279,7 @@ def expert_parallel_ffn(x, weights, experts, w_gate, w_up, w_down, *, mesh, toke
                         expert_axis: str = "expert", tensor_axis: str | None = "tensor",
                         capacity_factor: float = 0.0, buffer_factor: float = 0.0,
                         block: int = 256, impl: str = "auto", exchange: str = "auto",
-                        embed_axes: tuple[str, ...] = ()):
+                        embed_axes: tuple[str, ...] = (), chunk_tokens: int = 0):
     """Routed SwiGLU experts with expert parallelism over `expert_axis`.
 
     x [B,T,D] and weights/experts [B,T,k] are global arrays whose B and T axes are sharded as
@@ -264,6 +292,8 @@ def expert_parallel_ffn(x, weights, experts, w_gate, w_up, w_down, *, mesh, toke
     (in the compute dtype), so the gradient leaves as a reduce-scatter over those axes; gathered
     by GSPMD before the shard_map, the gradient was all-reduced whole (measured: 56.6 GB per
     device per step for qwen3-235b-a22b, fsdp=4 x expert=16).
+    `chunk_tokens`: > 0 runs each device's tokens through the experts that many at a time
+    (`_local_expert_parallel`; `runtime.moe_chunk_tokens`).
     Returns (y [B,T,D] in x.dtype, dropped routed rows over the whole batch, fp32 scalar).
     """
     E, _, F = w_gate.shape
@@ -279,6 +309,8 @@ def expert_parallel_ffn(x, weights, experts, w_gate, w_up, w_down, *, mesh, toke
     n_local = x.shape[0] * x.shape[1] // math.prod(
         mesh.shape[a] for axes in token_spec for a in _names(axes)
     )
+    if 0 < chunk_tokens < n_local:
+        n_local = chunk_tokens
     bm = block_rows(n_local * experts.shape[-1] * ep // E, block)  # rows per local expert
     token_axes = tuple(a for axes in token_spec for a in _names(axes))
     tok = P(*token_spec, None)
@@ -294,7 +326,7 @@ def expert_parallel_ffn(x, weights, experts, w_gate, w_up, w_down, *, mesh, toke
             x, weights, experts, w_gate, w_up, w_down, E=E, ep=ep, axis=expert_axis,
             tensor=tensor, token_axes=token_axes, capacity_factor=capacity_factor,
             buffer_factor=buffer_factor if exchange == "ragged" else 0.0, bm=bm,
-            impl=impl, exchange=exchange,
+            impl=impl, exchange=exchange, chunk_tokens=chunk_tokens,
         )
 
     return jax.shard_map(

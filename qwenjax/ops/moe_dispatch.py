@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from qwenjax.errors import ConfigError
 from qwenjax.ops.grouped_matmul import grouped_matmul
 from qwenjax.sharding import current_mesh, target_platform
 
@@ -94,6 +95,25 @@ def grouped_ffn(x, weights, experts, w_gate, w_up, w_down, *, impl: str = "auto"
         raise ValueError(f"unknown grouped_ffn impl {impl!r}")
     with jax.named_scope("moe_combine"):
         return combine_rows(y, weights.astype(F32), plan.pos, plan.src_row).astype(x.dtype)
+
+
+def over_token_chunks(ffn, chunk: int):
+    """`ffn(x [N,D], weights [N,k], experts [N,k]) -> [N,D]` run over consecutive chunks of
+    `chunk` tokens, each under `jax.checkpoint` (a scan: one chunk's routed rows live at a time;
+    `runtime.moe_chunk_tokens`). 0, or a chunk of all tokens, is `ffn` itself."""
+
+    def chunked(x, weights, experts):
+        N, D = x.shape
+        if not chunk or chunk >= N:
+            return ffn(x, weights, experts)
+        if N % chunk:
+            raise ConfigError(f"runtime.moe_chunk_tokens {chunk} does not divide the {N} tokens")
+        split = lambda a: a.reshape(N // chunk, chunk, a.shape[-1])
+        y = jax.lax.map(jax.checkpoint(lambda xs: ffn(*xs)), (split(x), split(weights),
+                                                             split(experts)))
+        return y.reshape(N, D)
+
+    return chunked
 
 
 def block_rows(mean_group: int, block: int) -> int:
