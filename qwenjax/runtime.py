@@ -19,7 +19,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 REMAT_MODES = ("full", "outputs", "dots", "none")  # see REMAT_POLICIES in model/transformer.py
 MOE_IMPLS = ("auto", "megablox", "ragged", "blocked")  # see ops/moe_dispatch.py: grouped_ffn
 PLATFORMS = ("auto", "cpu", "gpu", "tpu")
-ATTENTION_IMPLS = ("auto", "xla", "splash")  # see model/sequence_ops.py: causal_attention
+ATTENTION_IMPLS = ("auto", "xla", "splash", "cudnn")  # see model/sequence_ops.py: causal_attention
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -48,9 +48,11 @@ class RuntimeConfig:
     moe_impl: str = "auto"
     # Causal self-attention over a whole sequence: "xla" (our blockwise flash kernel,
     # ops/attention.py), "splash" (the Pallas TPU kernel, ops/splash.py; interpret mode off
-    # TPU); "auto" = splash on TPU where the shape allows (head_dim and length multiples of
-    # 128), else xla. With context > 1 it is the ring's per-step kernel (the local length
-    # T / context decides; ops/ring_splash.py); cached decoding uses ours.
+    # TPU), "cudnn" (cuDNN flash attention on GPU for rows of one document, ours for packed
+    # rows, chosen per batch on the device: ops/cudnn.py); "auto" = splash on TPU where the
+    # shape allows (head_dim and length multiples of 128), cudnn on GPU in bf16/fp16, else
+    # xla. With context > 1 it is the ring's per-step kernel (the local length T / context
+    # decides; ops/ring_splash.py; cudnn is not used there); cached decoding uses ours.
     attention_impl: str = "auto"
     splash_block: int = 0  # splash's q / kv block; 0 = chosen per length and head dim
     # Which platform the kernels are built for: "auto" reads the platform of the mesh's devices

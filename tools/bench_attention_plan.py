@@ -21,15 +21,15 @@ import time
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
+import jax
+import jax.numpy as jnp
 
-from qwenjax.config import load_preset  # noqa: E402
-from qwenjax.ops.context_layout import to_layout  # noqa: E402
-from qwenjax.ops.ring_attention import ring_attention  # noqa: E402
-from qwenjax.plan.chips import parse_slice, topology_devices  # noqa: E402
-from qwenjax.plan.hlo import custom_calls  # noqa: E402
-from qwenjax.sharding import make_mesh  # noqa: E402
+from qwenjax.config import load_preset
+from qwenjax.ops.context_layout import to_layout
+from qwenjax.ops.ring_attention import ring_attention
+from qwenjax.plan.chips import parse_slice, topology_devices
+from qwenjax.plan.hlo import custom_calls
+from qwenjax.sharding import make_mesh
 
 GIB = 2**30
 

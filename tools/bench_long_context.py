@@ -14,8 +14,9 @@ log-sum-exp). Adds decode ms/token and the cache bytes held by one device.
         [--dtype bfloat16 --attn-block 1024 --set hidden_size=512 ...] [--context 8]
     python tools/bench_long_context.py --cache --decode 16 --context 8 --lengths 65536
 
-`--attention-impl` is `runtime.attention_impl` (auto: splash on TPU where the shape allows, else
-our blockwise kernel; splash off TPU runs in Pallas interpret mode, slow). Each JSON line records
+`--attention-impl` is `runtime.attention_impl` (auto: splash on TPU where the shape allows, cuDNN
+on GPU in bf16/fp16, else our blockwise kernel; splash off TPU runs in Pallas interpret mode,
+slow). Each JSON line records
 the setting and the kernel the full-attention layers ran ("ring" with --context > 1).
 """
 
@@ -35,7 +36,7 @@ def main(argv=None):
     ap.add_argument("--lengths", default="8192,32768")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--attn-block", type=int, default=1024)
-    ap.add_argument("--attention-impl", default="auto", choices=["auto", "xla", "splash"])
+    ap.add_argument("--attention-impl", default="auto", choices=["auto", "xla", "splash", "cudnn"])
     ap.add_argument("--context", type=int, default=1, help="simulated CPU devices on context")
     ap.add_argument("--set", action="append", default=[], help="model field=value (ints)")
     ap.add_argument("--repeats", type=int, default=2)
@@ -79,7 +80,7 @@ def main(argv=None):
         # splash cannot take the shape).
         try:
             kernel = "ring" if mesh is not None else attention_impl(
-                a.attention_impl, T, cfg.head_dim, cfg.runtime.splash_block)
+                a.attention_impl, T, cfg.head_dim, cfg.runtime.splash_block, a.dtype)
         except ConfigError as e:
             raise SystemExit(f"bench_long_context: {e}") from None
         impl = {"attention_impl": a.attention_impl, "attention_kernel": kernel}

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from qwenjax.errors import ConfigError
-from qwenjax.ops import splash
+from qwenjax.ops import cudnn, splash
 from qwenjax.ops.attention import attention, attention_with_lse, dense_attention
 from qwenjax.ops.context_layout import from_layout, inverse_permutation, to_layout
 from qwenjax.ops.delta_rule import causal_conv, delta_rule_chunked
@@ -35,17 +35,28 @@ def _axes(logical: str, size: int):
     return axes or None
 
 
-def attention_impl(setting: str, T: int, head_dim: int, splash_block: int = 0) -> str:
-    """The causal-attention kernel for a [T] sequence: `setting` (runtime.attention_impl), with
-    "auto" decided by the target platform (the mesh's, never the host's): splash on TPU where
-    the shape allows, else ours ("xla")."""
+def attention_impl(setting: str, T: int, head_dim: int, splash_block: int = 0,
+                   dtype=jnp.float32, ring: bool = False) -> str:
+    """The causal-attention kernel for a [T] sequence in `dtype`: `setting`
+    (runtime.attention_impl), with "auto" decided by the target platform (the mesh's, never the
+    host's): splash on TPU where the shape allows, cuDNN on GPU where it takes the head dim and
+    dtype (not inside the ring), else ours ("xla")."""
+    platform = target_platform()
     if setting == "auto":
-        ok = target_platform() == "tpu" and splash.supported(T, head_dim, splash_block) is None
-        return "splash" if ok else "xla"
+        if platform == "tpu" and splash.supported(T, head_dim, splash_block) is None:
+            return "splash"
+        if platform == "gpu" and not ring and cudnn.supported(head_dim, dtype) is None:
+            return "cudnn"
+        return "xla"
+    why = None
     if setting == "splash":
         why = splash.supported(T, head_dim, splash_block)
-        if why is not None:
-            raise ConfigError(f"runtime.attention_impl splash: {why}; use auto or xla")
+    elif setting == "cudnn":
+        why = ("not inside ring attention (context > 1)" if ring else
+               f"needs a GPU mesh, the target platform is {platform}" if platform != "gpu" else
+               cudnn.supported(head_dim, dtype))
+    if why is not None:
+        raise ConfigError(f"runtime.attention_impl {setting}: {why}; use auto or xla")
     return setting
 
 
@@ -55,18 +66,23 @@ def causal_attention(q, k, v, positions, segment_ids, *, block: int, impl: str =
     runtime.attention_impl (see `attention_impl`); with `context` > 1, ring attention."""
     ctx = context_parallel()
     if ctx is None:
-        if attention_impl(impl, q.shape[1], q.shape[3], splash_block) == "splash":
+        ours = lambda q, k, v, pos, seg: attention(
+            q, k, v, q_pos=pos, kv_pos=pos, q_seg=seg, kv_seg=seg, causal=True, block_q=block,
+            block_kv=block)
+        kernel = attention_impl(impl, q.shape[1], q.shape[3], splash_block, q.dtype)
+        if kernel == "splash":
             return splash.splash_causal_attention(q, k, v, segment_ids, block=splash_block,
                                                   interpret=target_platform() != "tpu")
-        return attention(q, k, v, q_pos=positions, kv_pos=positions, q_seg=segment_ids,
-                         kv_seg=segment_ids, causal=True, block_q=block, block_kv=block)
+        if kernel == "cudnn":
+            return cudnn.cudnn_causal_attention(q, k, v, positions, segment_ids, fallback=ours)
+        return ours(q, k, v, positions, segment_ids)
     mesh, layout = ctx
     heads = _axes("act_heads", q.shape[2])
     if heads is not None and k.shape[2] % math.prod(mesh.shape[a] for a in heads):
         heads = None  # kv heads do not split as the query heads do: keep heads whole
     # The ring's per-step kernel: splash where the local length allows (ops/ring_splash.py).
     local = q.shape[1] // mesh.shape["context"]
-    kernel = attention_impl(impl, local, q.shape[3], splash_block)
+    kernel = attention_impl(impl, local, q.shape[3], splash_block, q.dtype, ring=True)
     return ring_attention(
         q, k, v, mesh=mesh, causal=True, q_positions=positions, kv_positions=positions,
         q_segment_ids=segment_ids, kv_segment_ids=segment_ids, block_q=block, block_kv=block,

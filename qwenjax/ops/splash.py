@@ -9,7 +9,7 @@ the index inside every segment, so index-causal plus segment ids is the same mas
 
 A Mosaic kernel cannot be partitioned by GSPMD, so under a mesh it runs inside a shard_map over
 the batch axes (and the head axes when the kv heads split like the query heads), each device on
-its own rows. Off TPU it runs in interpret mode (tests). Block sizes: the largest of 512 / 256 /
+its own rows (`kernel_sharding.per_device`). Off TPU it runs in interpret mode (tests). Block sizes: the largest of 512 / 256 /
 128 dividing T (256 at most for Dh 256, whose blocks take twice the VMEM), or `block` if given.
 
 Dimension letters: B batch, T length, H query heads, K kv heads, Dh head dim.
@@ -17,15 +17,12 @@ Dimension letters: B batch, T length, H query heads, K kv heads, Dh head dim.
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
-from jax.sharding import PartitionSpec as P
 
-from qwenjax.sharding import current_mesh, mesh_axes
+from qwenjax.ops.kernel_sharding import per_device
 
 
 def supported(T: int, head_dim: int, block: int = 0) -> str | None:
@@ -65,8 +62,7 @@ def _kernel(T: int, H: int, block: int, interpret: bool):
 
 def splash_causal_attention(q, k, v, segment_ids, *, block: int = 0, interpret: bool = False):
     """q [B,T,H,Dh], k/v [B,T,K,Dh], segment_ids [B,T] -> [B,T,H,Dh] in q's dtype."""
-    B, T, H, Dh = q.shape
-    K = k.shape[2]
+    T, Dh = q.shape[1], q.shape[3]
     size = pick_block(T, Dh, block)
     if size is None:
         raise ValueError(f"splash attention: {supported(T, Dh, block)}")
@@ -79,13 +75,4 @@ def splash_causal_attention(q, k, v, segment_ids, *, block: int = 0, interpret: 
         o = jax.vmap(one)(qh, heads_first(k), heads_first(v), seg)
         return jnp.swapaxes(o, 1, 2).astype(q.dtype)
 
-    mesh = current_mesh()
-    if mesh is None or mesh.size == 1:
-        return local(q, k, v, segment_ids)
-    batch = mesh_axes("batch", B) or None
-    heads = mesh_axes("act_heads", H) or None
-    if heads is not None and K % math.prod(mesh.shape[a] for a in heads):
-        heads = None  # kv heads do not split as the query heads do: keep heads whole
-    tokens, per_token = P(batch, None, heads, None), P(batch, None)
-    return jax.shard_map(local, mesh=mesh, in_specs=(tokens, tokens, tokens, per_token),
-                         out_specs=tokens, check_vma=False)(q, k, v, segment_ids)
+    return per_device(local, q, k, v, segment_ids)
