@@ -16,15 +16,17 @@ Inside `jax.shard_map` every device holds its own tokens and El experts' weights
      destination blocks of S = M slots (the worst case: every row to one device) through
      `jax.lax.all_to_all`. Never drops; the path the CPU tests run;
    - capacity mode: one block of C = ceil(capacity_factor * M / E) slots per *expert*; rows
-     past an expert's C-th are dropped (they contribute nothing) and counted.
-4. Expert FFN over the received rows:
+     past an expert's C-th are dropped (they contribute nothing) and counted;
+   - with ep = 1 (tokens split over other axes only, e.g. `context`) nothing is exchanged:
+     XLA:TPU kept a ragged all-to-all over one device, a copy into a second [M, D] buffer.
+3. Expert FFN over the received rows:
    - dropless: rows sorted by local expert and padded per expert to blocks of bm rows; a scan
      over blocks runs one [bm,D]x[D,F] SwiGLU per block and skips (`lax.cond`) the blocks of
      empty slots, so the work is that of the real rows although the buffer is ep*M rows. On
      accelerators `jax.lax.ragged_dot` does the same as one grouped GEMM.
    - capacity: the buffer already is [El, ep*C] rows per expert: one batched matmul.
    With `tensor` > 1 each device holds an F slice; the partial outputs are summed (`psum`).
-5. Send the outputs back with the inverse `all_to_all` into the same slots, and combine each
+4. Send the outputs back with the inverse `all_to_all` into the same slots, and combine each
    token's k rows with its routing weights in fp32 (`combine_rows`, a gather).
 
 Dispatch and combine reuse the gather-only custom VJPs of `moe_dispatch`; all_to_all transposes
@@ -162,7 +164,9 @@ def _expert_rows(x, weights, experts, w_gate, w_up, w_down, *, E, ep, axis, tens
             send_e = jnp.where(filled, flat_e[jnp.minimum(plan.src_row[:R], M - 1)] % El, El)
             send_e = send_e.astype(jnp.int32)
             lost = jnp.zeros((), F32)
-            if S is None:
+            if ep == 1:  # every expert is here (e.g. context parallelism alone): no exchange
+                recv, recv_e, back_again = send, send_e, lambda a: a
+            elif S is None:
                 cap = receive_rows(M, ep, buffer_factor)
                 there, back_again, lost = _ragged_routes(flat_e // El, ep, M, axis, cap)
                 recv, recv_e = there(send, 0), there(send_e, El)
