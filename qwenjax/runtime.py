@@ -40,7 +40,8 @@ class RuntimeConfig:
     # a time (a scan, each chunk rematerialised), so one chunk's c*k routed rows are live
     # instead of all of them (the 1M-token step on 32 chips: 32,768 tokens x 8 rows per device).
     # Costs one more forward of the expert layer in the backward. Capacity and receive buffers
-    # are then sized per chunk. Must divide the tokens per device.
+    # are then sized per chunk. Must divide the tokens per device; no effect when it is >= them,
+    # nor when tokens are replicated over `expert` (GSPMD partitions that FFN).
     moe_chunk_tokens: int = 0
     # Grouped expert FFN: "megablox" (Pallas TPU kernels gmm/tgmm; interpret mode elsewhere),
     # "ragged" (`jax.lax.ragged_dot`, XLA's grouped matmul), "blocked" (a scan over fixed row
@@ -50,9 +51,10 @@ class RuntimeConfig:
     # ops/attention.py), "splash" (the Pallas TPU kernel, ops/splash.py; interpret mode off
     # TPU), "cudnn" (cuDNN flash attention on GPU for rows of one document, ours for packed
     # rows, chosen per batch on the device: ops/cudnn.py); "auto" = splash on TPU where the
-    # shape allows (head_dim and length multiples of 128), cudnn on GPU in bf16/fp16, else
-    # xla. With context > 1 it is the ring's per-step kernel (the local length T / context
-    # decides; ops/ring_splash.py; cudnn is not used there); cached decoding uses ours.
+    # shape allows (head_dim and length multiples of 128), cudnn on NVIDIA GPUs (sm80+; sm90
+    # for head_dim 256) in bf16/fp16, else xla. With context > 1 it is the ring's per-step
+    # kernel (the local length T / context decides; ops/ring_splash.py; cudnn is refused
+    # there, auto takes xla); cached decoding uses ours.
     attention_impl: str = "auto"
     splash_block: int = 0  # splash's q / kv block; 0 = chosen per length and head dim
     # Which platform the kernels are built for: "auto" reads the platform of the mesh's devices

@@ -150,6 +150,9 @@ _LAYOUT: contextvars.ContextVar[str] = contextvars.ContextVar("qwenjax_layout", 
 _PLATFORM: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "qwenjax_platform", default=None
 )
+_DEVICE: contextvars.ContextVar[jax.Device | None] = contextvars.ContextVar(
+    "qwenjax_device", default=None
+)
 PLATFORMS = ("cpu", "gpu", "tpu")
 
 
@@ -169,6 +172,7 @@ def activate(
     layout_token = _LAYOUT.set(context_layout)
     platform_token = _PLATFORM.set(mesh_platform(mesh) if platform in (None, "auto") else
                                    _check_platform(platform))  # fmt: skip
+    device_token = _DEVICE.set(mesh.devices.flat[0])
     try:
         with jax.set_mesh(mesh):
             yield mesh
@@ -176,6 +180,7 @@ def activate(
         _RULES.reset(token)
         _LAYOUT.reset(layout_token)
         _PLATFORM.reset(platform_token)
+        _DEVICE.reset(device_token)
 
 
 def _check_platform(platform: str) -> str:
@@ -200,6 +205,13 @@ def target_platform() -> str:
     mesh the program runs on the default device, so its platform is the answer."""
     platform = _PLATFORM.get()
     return platform if platform is not None else device_platform(jax.devices()[0])
+
+
+def target_device() -> jax.Device:
+    """A device of the active mesh (the default device without one): what kernels that depend
+    on the chip generation ask (cuDNN's compute capability)."""
+    device = _DEVICE.get()
+    return device if device is not None else jax.devices()[0]
 
 
 def current_layout() -> str:

@@ -65,8 +65,9 @@ def test_context_parallel_equals_one_device(name, shape, layout):
                                         ("qwen3-moe-tiny", {"context": 2, "expert": 2, "data": 2})],
                          ids=str)
 def test_experts_over_token_chunks_equal_one_device(name, shape):
-    """runtime.moe_chunk_tokens (the 1M-token step's memory setting): each device's 64 tokens
-    through the experts 16 at a time give one device's unchunked logits, loss and gradients."""
+    """runtime.moe_chunk_tokens (the 1M-token step's memory setting): each device's tokens (64 on
+    context 4, 32 on the 2 x 2 x 2 mesh) through the experts 16 at a time give one device's
+    unchunked logits, loss and gradients."""
     check_against_one_device(name, shape, "zigzag", moe_chunk_tokens=16)
 
 

@@ -68,38 +68,70 @@ def test_cudnn_wiring_matches_dense(packed):
 
 
 def test_cudnn_under_a_mesh_equals_one_device():
-    """Per device under a data x tensor mesh (heads split), one row packed and one not: each
-    device decides for its own rows."""
+    """Per device under a data x tensor mesh (heads split), row 0 packed and row 1 one document:
+    each device decides for its own row (a zero fallback shows which), and the values equal
+    one device's."""
     q, k, v, pos, seg = _inputs(packed=True)
     seg, pos = seg.at[1].set(1), pos.at[1].set(jnp.arange(64))
-    run = lambda *a: cudnn_causal_attention(*a, fallback=_ours, implementation="xla")
+    run = lambda *a, fallback=_ours: cudnn_causal_attention(*a, fallback=fallback,
+                                                            implementation="xla")
     one = run(q, k, v, pos, seg)
     mesh = qwenjax.make_mesh({"data": 2, "tensor": 2}, jax.devices()[:4])
     with activate(mesh):
         sharded = jax.jit(run)(q, k, v, pos, seg)
+        probe = jax.jit(lambda *a: run(*a, fallback=_zeros))(q, k, v, pos, seg)
     assert float(jnp.abs(sharded - one).max()) <= 1e-6
+    assert float(jnp.abs(probe[0]).max()) == 0.0  # packed row: the fallback
+    assert float(jnp.abs(probe[1] - one[1]).max()) <= 1e-6  # one document: the fused call
 
 
-def test_kernel_choice_on_gpu():
+class FakeGPU:
+    """What the mesh's devices say on a GPU machine (platform and compute capability)."""
+
+    platform = "gpu"
+
+    def __init__(self, capability):
+        self.compute_capability = capability
+
+
+def test_kernel_choice_on_gpu(monkeypatch):
+    from qwenjax.model import sequence_ops
+
     mesh = qwenjax.make_mesh({"data": 1}, jax.devices()[:1])
     with activate(mesh, platform="gpu"):
+        # CPU devices lowering for GPU ahead of time: auto keeps ours, an explicit cudnn is kept
+        assert attention_impl("auto", 256, 128, dtype=jnp.bfloat16) == "xla"
+        assert attention_impl("cudnn", 256, 256, dtype=jnp.float16) == "cudnn"
+        monkeypatch.setattr(sequence_ops, "_devices", lambda: [FakeGPU("9.0")])  # H100
         assert attention_impl("auto", 256, 128, dtype=jnp.bfloat16) == "cudnn"
+        assert attention_impl("auto", 256, 256, dtype=jnp.bfloat16) == "cudnn"
         assert attention_impl("auto", 256, 128, dtype=jnp.float32) == "xla"  # cuDNN: half only
         assert attention_impl("auto", 256, 128, dtype=jnp.bfloat16, ring=True) == "xla"
-        assert attention_impl("cudnn", 256, 256, dtype=jnp.float16) == "cudnn"
         with pytest.raises(ConfigError, match="head_dim 512"):
             attention_impl("cudnn", 256, 512, dtype=jnp.bfloat16)
         with pytest.raises(ConfigError, match="not inside ring attention"):
             attention_impl("cudnn", 256, 128, dtype=jnp.bfloat16, ring=True)
+        monkeypatch.setattr(sequence_ops, "_devices", lambda: [FakeGPU("8.0")])  # A100
+        assert attention_impl("auto", 256, 128, dtype=jnp.bfloat16) == "cudnn"
+        assert attention_impl("auto", 256, 256, dtype=jnp.bfloat16) == "xla"  # Qwen3.5's 256
+        with pytest.raises(ConfigError, match="head_dim 256 > 128 needs compute capability >= 9.0"):
+            attention_impl("cudnn", 256, 256, dtype=jnp.bfloat16)
+        for other in ("7.5", "gfx90a"):  # Turing; ROCm
+            monkeypatch.setattr(sequence_ops, "_devices", lambda c=other: [FakeGPU(c)])
+            assert attention_impl("auto", 256, 64, dtype=jnp.bfloat16) == "xla"
     with pytest.raises(ConfigError, match="needs a GPU mesh, the target platform is cpu"):
         attention_impl("cudnn", 256, 128, dtype=jnp.bfloat16)
 
 
 @pytest.fixture
 def hopper_cudnn(monkeypatch):
-    """cuDNN's checks ask the local CUDA install; answer as an H100 with cuDNN 9.10 would."""
+    """cuDNN's checks ask the local CUDA install, ours the mesh's devices; answer as an H100
+    with cuDNN 9.10 would."""
     import jax._src.cudnn.fused_attention_stablehlo as fused
 
+    from qwenjax.model import sequence_ops
+
+    monkeypatch.setattr(sequence_ops, "_devices", lambda: [FakeGPU("9.0")])
     monkeypatch.setattr(fused, "check_cudnn_version", lambda: 91000)
     monkeypatch.setattr(fused, "check_compute_capability", lambda capability: True)
     monkeypatch.setattr(fused, "is_cuda_compute_capability_equal", lambda capability: False)

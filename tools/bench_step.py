@@ -21,10 +21,11 @@ is B*T / median step time. Prints one JSON line on stdout; progress goes to stde
 on a shared machine are noisy: compare `load_avg_1m` across runs.
 
     .venv/bin/python tools/bench_step.py [--batch 8 --seq 256 --iters 5 --preset qwen3-moe-tiny]
-        [--attention-impl auto|xla|splash|cudnn --set head_dim=128 ...]
+        [--attention-impl auto|xla|splash --set head_dim=128 ...]
 
 `--attention-impl` is qwenjax's `runtime.attention_impl` (auto: splash on TPU where the shape
-allows, cuDNN on GPU in bf16/fp16, else our blockwise kernel; splash off TPU runs in Pallas interpret mode, slow, and needs
+allows, else our blockwise kernel (fp32 here: cuDNN, which takes bf16 only, is in
+bench_long_context.py); splash off TPU runs in Pallas interpret mode, slow, and needs
 head_dim and seq multiples of 128). The JSON records the setting and the kernel that ran.
 """
 
@@ -155,7 +156,7 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--preset", default="qwen3-moe-tiny")
     p.add_argument("--dtype", default="float32", choices=["float32"])
-    p.add_argument("--attention-impl", default="auto", choices=["auto", "xla", "splash", "cudnn"])
+    p.add_argument("--attention-impl", default="auto", choices=["auto", "xla", "splash"])
     p.add_argument("--set", action="append", default=[], help="model field=value (ints)")
     args = p.parse_args()
 

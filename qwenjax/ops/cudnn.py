@@ -8,10 +8,15 @@ padding) with consecutive positions, a `lax.cond` takes cuDNN, whose index-causa
 exactly ours; otherwise our blockwise kernel (`fallback`). Long single documents (the 32K-1M
 training and eval rows) and unpadded prompts take cuDNN; packed short documents take ours.
 
-cuDNN wants bfloat16 or float16 and a head dim up to 256 in multiples of 8 (`supported`). GQA
-is native (K kv heads, no repeat). GSPMD cannot partition the custom call, so under a mesh it
+cuDNN wants bfloat16 or float16 and a head dim up to 256 in multiples of 8 (`supported`), on
+NVIDIA GPUs of compute capability >= 8.0, and >= 9.0 (Hopper) for a head dim over 128 (JAX's own
+checks, which raise at trace time: `device_support` asks first, so `auto` falls back to ours on
+an A100 for Qwen3.5's head dim 256, and on ROCm). GQA is native (K kv heads, no repeat). GSPMD cannot partition the custom call, so under a mesh it
 runs per device (`kernel_sharding.per_device`). Inside ring attention (context > 1) cuDNN is not
 used: its backward cannot be fed the ring's global log-sum-exp through JAX's API.
+
+Not measured (no GPU was lent): whether XLA:GPU runs the per-layer `lax.cond` inside a CUDA
+graph or syncs on its predicate; a host sync per layer would cost launch latency, not results.
 
 Dimension letters: B batch, T length, H query heads, K kv heads, Dh head dim.
 """
@@ -32,6 +37,23 @@ def supported(head_dim: int, dtype) -> str | None:
         return f"cuDNN flash attention takes bfloat16 or float16 activations, not {jnp.dtype(dtype).name}"
     if head_dim > 256 or head_dim % 8:
         return f"head_dim {head_dim} is not a multiple of 8 up to 256"
+    return None
+
+
+def device_support(devices, head_dim: int) -> str | None:
+    """None if cuDNN flash attention runs on these devices at this head dim, else why not. Only
+    real CUDA devices are judged: others (a CPU host lowering for GPU ahead of time) give
+    "not NVIDIA GPUs", which `auto` takes as "use ours" and an explicit setting overrides."""
+    d = devices[0]
+    capability = getattr(d, "compute_capability", None)
+    if d.platform not in ("gpu", "cuda") or not capability or not capability[0].isdigit():
+        return "not NVIDIA GPUs"
+    major, _, minor = capability.partition(".")
+    cc = (int(major), int(minor or 0))
+    if cc < (8, 0):
+        return f"cuDNN flash attention needs compute capability >= 8.0, these GPUs have {capability}"
+    if head_dim > 128 and cc < (9, 0):
+        return f"head_dim {head_dim} > 128 needs compute capability >= 9.0, these GPUs have {capability}"
     return None
 
 
