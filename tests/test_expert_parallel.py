@@ -122,8 +122,8 @@ def test_dropless_when_every_token_picks_the_same_experts():
 
 
 def kept_by_capacity(experts, n_devices, capacity):
-    """numpy oracle: per device (its B/n_devices rows of tokens), each expert keeps its first C
-    routed rows in (token, choice) order."""
+    """numpy oracle: per device (its B/n_devices rows of tokens; or per chunk of them, groups of
+    consecutive tokens), each expert keeps its first C routed rows in (token, choice) order."""
     ex = np.asarray(experts).reshape(n_devices, -1)  # [device, n*k] in routed-row order
     C = max(1, math.ceil(capacity * ex.shape[1] / E))
     kept = np.zeros_like(ex, bool)
@@ -134,14 +134,16 @@ def kept_by_capacity(experts, n_devices, capacity):
     return kept.reshape(-1, K)
 
 
-@pytest.mark.parametrize("capacity", [0.5, 1.0])
-def test_capacity_mode_drops_exactly_what_it_reports(capacity):
+@pytest.mark.parametrize("capacity,chunk", [(0.5, 0), (1.0, 0), (1.0, 3)])
+def test_capacity_mode_drops_exactly_what_it_reports(capacity, chunk):
+    """With chunk_tokens (3 of each device's 6 tokens) the capacity holds per chunk."""
     logits = np.random.RandomState(1).randn(B * T, E)
     logits[: B * T // 2, 3] += 3.0  # an overloaded expert
     x, w, weights, experts = problem(logits=logits)
     mesh = qwenjax.make_mesh({"data": 2, "expert": 4})
-    y, dropped, grads = run(mesh, (("data", "expert"), None), x, w, weights, experts, capacity)
-    kept = kept_by_capacity(experts, 8, capacity)
+    y, dropped, grads = run(mesh, (("data", "expert"), None), x, w, weights, experts, capacity,
+                            chunk_tokens=chunk)
+    kept = kept_by_capacity(experts, 8 * (T // chunk if chunk else 1), capacity)
     assert float(dropped) == float((~kept).sum()) > 0
     masked = weights * jnp.asarray(kept, jnp.float32)  # dropped rows contribute nothing
     assert_close(y, grads, *reference(x, w, masked, experts))
