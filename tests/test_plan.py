@@ -303,6 +303,26 @@ def test_collective_group_sizes_in_each_hlo_spelling():
     assert group_size("collective-permute(x), source_target_pairs={{0,1}}") == 1
 
 
+def test_collectives_after_an_instruction_over_several_lines():
+    """A splash kernel's backend config runs over lines, one starting with "}}": the
+    computation goes on after it (this ended it early and lost the collectives below, e.g.
+    qwen3-30b-a3b's ragged all-to-alls in the layer body)."""
+    from qwenjax.plan.hlo import collectives
+
+    lines = [
+        "ENTRY %main (p: f32[8]) -> f32[8] {",
+        '  %k = f32[8]{0} custom-call(%p), custom_call_target="tpu_custom_call", backend_config={"a":{',
+        '}}, metadata={op_name="splash"}',
+        "  %r = bf16[1024,64]{1,0} ragged-all-to-all(%p), replica_groups={{0,1,2,3}}",
+        "  ROOT %s = f32[8]{0} all-reduce(%p), replica_groups={{0,1,2,3}}, to_apply=%add",
+        "}",
+    ]
+    text = "\n".join(lines)
+    out = collectives(text)
+    assert out["ragged-all-to-all"]["bytes"] == 1024 * 64 * 2
+    assert out["all-reduce"]["count"] == 1
+
+
 def test_search_batch_finds_the_largest_fitting_batch(monkeypatch):
     """The search against a stand-in for the compile whose peak grows linearly with the batch:
     it returns the largest per-chip batch under HBM, from above and from below the start, and

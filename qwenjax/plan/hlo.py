@@ -89,8 +89,8 @@ def computations(hlo_text: str) -> tuple[dict[str, list[str]], str | None]:
             comps[current] = []
             if line.startswith("ENTRY"):
                 entry = current
-        elif line.startswith("}"):
-            current = None
+        elif line.rstrip() == "}":  # a computation's end; an instruction's text may run over
+            current = None       # lines starting with "}}" (a kernel's backend config)
         elif current is not None:
             comps[current].append(line)
     return comps, entry
