@@ -102,7 +102,7 @@ def test_kernel_choice_on_gpu(monkeypatch):
         # CPU devices lowering for GPU ahead of time: auto keeps ours, an explicit cudnn is kept
         assert attention_impl("auto", 256, 128, dtype=jnp.bfloat16) == "xla"
         assert attention_impl("cudnn", 256, 256, dtype=jnp.float16) == "cudnn"
-        monkeypatch.setattr(sequence_ops, "_devices", lambda: [FakeGPU("9.0")])  # H100
+        monkeypatch.setattr(sequence_ops, "target_device", lambda: FakeGPU("9.0"))  # H100
         assert attention_impl("auto", 256, 128, dtype=jnp.bfloat16) == "cudnn"
         assert attention_impl("auto", 256, 256, dtype=jnp.bfloat16) == "cudnn"
         assert attention_impl("auto", 256, 128, dtype=jnp.float32) == "xla"  # cuDNN: half only
@@ -111,13 +111,13 @@ def test_kernel_choice_on_gpu(monkeypatch):
             attention_impl("cudnn", 256, 512, dtype=jnp.bfloat16)
         with pytest.raises(ConfigError, match="not inside ring attention"):
             attention_impl("cudnn", 256, 128, dtype=jnp.bfloat16, ring=True)
-        monkeypatch.setattr(sequence_ops, "_devices", lambda: [FakeGPU("8.0")])  # A100
+        monkeypatch.setattr(sequence_ops, "target_device", lambda: FakeGPU("8.0"))  # A100
         assert attention_impl("auto", 256, 128, dtype=jnp.bfloat16) == "cudnn"
         assert attention_impl("auto", 256, 256, dtype=jnp.bfloat16) == "xla"  # Qwen3.5's 256
         with pytest.raises(ConfigError, match="head_dim 256 > 128 needs compute capability >= 9.0"):
             attention_impl("cudnn", 256, 256, dtype=jnp.bfloat16)
         for other in ("7.5", "gfx90a"):  # Turing; ROCm
-            monkeypatch.setattr(sequence_ops, "_devices", lambda c=other: [FakeGPU(c)])
+            monkeypatch.setattr(sequence_ops, "target_device", lambda c=other: FakeGPU(c))
             assert attention_impl("auto", 256, 64, dtype=jnp.bfloat16) == "xla"
     with pytest.raises(ConfigError, match="needs a GPU mesh, the target platform is cpu"):
         attention_impl("cudnn", 256, 128, dtype=jnp.bfloat16)
@@ -131,7 +131,7 @@ def hopper_cudnn(monkeypatch):
 
     from qwenjax.model import sequence_ops
 
-    monkeypatch.setattr(sequence_ops, "_devices", lambda: [FakeGPU("9.0")])
+    monkeypatch.setattr(sequence_ops, "target_device", lambda: FakeGPU("9.0"))
     monkeypatch.setattr(fused, "check_cudnn_version", lambda: 91000)
     monkeypatch.setattr(fused, "check_compute_capability", lambda capability: True)
     monkeypatch.setattr(fused, "is_cuda_compute_capability_equal", lambda capability: False)

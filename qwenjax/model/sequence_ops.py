@@ -35,34 +35,29 @@ def _axes(logical: str, size: int):
     return axes or None
 
 
-def _devices():
-    return [target_device()]
-
-
 def attention_impl(setting: str, T: int, head_dim: int, splash_block: int = 0,
                    dtype=jnp.float32, ring: bool = False) -> str:
     """The causal-attention kernel for a [T] sequence in `dtype`: `setting`
     (runtime.attention_impl), with "auto" decided by the target platform (the mesh's, never the
     host's): splash on TPU where the shape allows, cuDNN on NVIDIA GPUs where it takes the head
     dim, dtype and compute capability (not inside the ring), else ours ("xla")."""
-    platform = target_platform()
+    platform, device = target_platform(), target_device()
     if setting == "auto":
         if platform == "tpu" and splash.supported(T, head_dim, splash_block) is None:
             return "splash"
-        if platform == "gpu" and not ring and cudnn.supported(head_dim, dtype) is None \
-                and cudnn.device_support(_devices(), head_dim) is None:
+        if platform == "gpu" and not ring and cudnn.nvidia(device) and \
+                cudnn.supported(head_dim, dtype) is None and \
+                cudnn.device_support(device, head_dim) is None:
             return "cudnn"
         return "xla"
     why = None
     if setting == "splash":
         why = splash.supported(T, head_dim, splash_block)
-    elif setting == "cudnn":
+    elif setting == "cudnn":  # judged on real NVIDIA devices; kept as asked when lowering for GPU
         why = ("not inside ring attention (context > 1)" if ring else
                f"needs a GPU mesh, the target platform is {platform}" if platform != "gpu" else
-               cudnn.supported(head_dim, dtype))
-        on_gpus = cudnn.device_support(_devices(), head_dim)
-        if why is None and on_gpus != "not NVIDIA GPUs":
-            why = on_gpus
+               cudnn.supported(head_dim, dtype) or
+               (cudnn.device_support(device, head_dim) if cudnn.nvidia(device) else None))
     if why is not None:
         raise ConfigError(f"runtime.attention_impl {setting}: {why}; use auto or xla")
     return setting

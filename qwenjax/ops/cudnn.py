@@ -11,8 +11,8 @@ training and eval rows) and unpadded prompts take cuDNN; packed short documents 
 cuDNN wants bfloat16 or float16 and a head dim up to 256 in multiples of 8 (`supported`), on
 NVIDIA GPUs of compute capability >= 8.0, and >= 9.0 (Hopper) for a head dim over 128 (JAX's own
 checks, which raise at trace time: `device_support` asks first, so `auto` falls back to ours on
-an A100 for Qwen3.5's head dim 256, and on ROCm). GQA is native (K kv heads, no repeat). GSPMD cannot partition the custom call, so under a mesh it
-runs per device (`kernel_sharding.per_device`). Inside ring attention (context > 1) cuDNN is not
+an A100 for Qwen3.5's head dim 256, and on ROCm). GQA is native (K kv heads, no repeat). GSPMD
+cannot partition the custom call, so under a mesh it runs per device (`kernel_sharding.per_device`). Inside ring attention (context > 1) cuDNN is not
 used: its backward cannot be fed the ring's global log-sum-exp through JAX's API.
 
 Not measured (no GPU was lent): whether XLA:GPU runs the per-layer `lax.cond` inside a CUDA
@@ -40,14 +40,17 @@ def supported(head_dim: int, dtype) -> str | None:
     return None
 
 
-def device_support(devices, head_dim: int) -> str | None:
-    """None if cuDNN flash attention runs on these devices at this head dim, else why not. Only
-    real CUDA devices are judged: others (a CPU host lowering for GPU ahead of time) give
-    "not NVIDIA GPUs", which `auto` takes as "use ours" and an explicit setting overrides."""
-    d = devices[0]
-    capability = getattr(d, "compute_capability", None)
-    if d.platform not in ("gpu", "cuda") or not capability or not capability[0].isdigit():
-        return "not NVIDIA GPUs"
+def nvidia(device) -> bool:
+    """A CUDA device (reports a numeric compute capability); not ROCm, not a CPU host's device
+    that a program is lowered for GPU on ahead of time."""
+    capability = getattr(device, "compute_capability", None)
+    return device.platform in ("gpu", "cuda") and bool(capability) and capability[0].isdigit()
+
+
+def device_support(device, head_dim: int) -> str | None:
+    """None if cuDNN flash attention runs on this NVIDIA device at this head dim, else why not
+    (JAX's own checks, which would raise at trace time)."""
+    capability = device.compute_capability
     major, _, minor = capability.partition(".")
     cc = (int(major), int(minor or 0))
     if cc < (8, 0):

@@ -42,9 +42,15 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from qwenjax.errors import ConfigError
 from qwenjax.ops.grouped_matmul import grouped_matmul, permute_rows
-from qwenjax.ops.moe_dispatch import KERNEL_OF, block_rows, combine_rows, default_impl, gather_rows
+from qwenjax.ops.moe_dispatch import (
+    KERNEL_OF,
+    block_rows,
+    combine_rows,
+    default_impl,
+    gather_rows,
+    over_token_chunks,
+)
 from qwenjax.sharding import make_mesh, target_platform
 
 F32 = jnp.float32
@@ -126,23 +132,15 @@ def _local_expert_parallel(x, weights, experts, *w, token_axes, chunk_tokens: in
     live; the backward recomputes each chunk's forward once more. Capacity and buffer sizes
     are then per chunk."""
     b, t, D = x.shape
-    n = b * t
-    if not chunk_tokens or chunk_tokens >= n:
-        out, dropped = _expert_rows(x, weights, experts, *w, token_axes=token_axes, **kw)
-        return out, jax.lax.psum(dropped, token_axes)
-    if n % chunk_tokens:
-        raise ConfigError(
-            f"runtime.moe_chunk_tokens {chunk_tokens} does not divide the {n} tokens per device"
-        )
-    g = n // chunk_tokens
-    split = lambda a: a.reshape(g, 1, chunk_tokens, a.shape[-1])
 
-    @jax.checkpoint
-    def one(xs):
-        return _expert_rows(*xs, *w, token_axes=token_axes, **kw)
+    def rows(x, weights, experts):  # [c, ...] tokens of this device -> ([c, D], dropped)
+        out, dropped = _expert_rows(x[None], weights[None], experts[None], *w,
+                                    token_axes=token_axes, **kw)
+        return out[0], dropped
 
-    out, dropped = jax.lax.map(one, (split(x), split(weights), split(experts)))
-    return out.reshape(b, t, D), jax.lax.psum(jnp.sum(dropped), token_axes)
+    flat = lambda a: a.reshape(b * t, a.shape[-1])
+    out, dropped = over_token_chunks(rows, chunk_tokens)(flat(x), flat(weights), flat(experts))
+    return out.reshape(b, t, D), jax.lax.psum(dropped, token_axes)
 
 
 def _expert_rows(x, weights, experts, w_gate, w_up, w_down, *, E, ep, axis, tensor,

@@ -97,21 +97,22 @@ def grouped_ffn(x, weights, experts, w_gate, w_up, w_down, *, impl: str = "auto"
         return combine_rows(y, weights.astype(F32), plan.pos, plan.src_row).astype(x.dtype)
 
 
-def over_token_chunks(ffn, chunk: int):
-    """`ffn(x [N,D], weights [N,k], experts [N,k]) -> [N,D]` run over consecutive chunks of
-    `chunk` tokens, each under `jax.checkpoint` (a scan: one chunk's routed rows live at a time;
-    `runtime.moe_chunk_tokens`). 0, or a chunk of all tokens, is `ffn` itself."""
+def over_token_chunks(fn, chunk: int):
+    """`fn(*arrays)` over consecutive chunks of `chunk` tokens (the arrays' leading axis N), each
+    chunk under `jax.checkpoint` in a scan, so one chunk's routed rows are live at a time
+    (`runtime.moe_chunk_tokens`). fn's outputs: per-token arrays [c, ...] are joined back to
+    [N, ...]; scalars (counts) are summed. 0, or a chunk of all tokens, is `fn` itself."""
 
-    def chunked(x, weights, experts):
-        N, D = x.shape
+    def chunked(*arrays):
+        N = arrays[0].shape[0]
         if not chunk or chunk >= N:
-            return ffn(x, weights, experts)
+            return fn(*arrays)
         if N % chunk:
-            raise ConfigError(f"runtime.moe_chunk_tokens {chunk} does not divide the {N} tokens")
-        split = lambda a: a.reshape(N // chunk, chunk, a.shape[-1])
-        y = jax.lax.map(jax.checkpoint(lambda xs: ffn(*xs)), (split(x), split(weights),
-                                                             split(experts)))
-        return y.reshape(N, D)
+            raise ConfigError(f"runtime.moe_chunk_tokens {chunk} does not divide the {N} tokens per device")
+        split = lambda a: a.reshape(N // chunk, chunk, *a.shape[1:])
+        out = jax.lax.map(jax.checkpoint(lambda parts: fn(*parts)), tuple(map(split, arrays)))
+        join = lambda y: y.sum(0) if y.ndim == 1 else y.reshape(N, *y.shape[2:])
+        return jax.tree.map(join, out)
 
     return chunked
 
